@@ -1,0 +1,459 @@
+"""One typed configuration schema for every bigmodel run.
+
+A run is described by a YAML file validated against :class:`Config`, plus dotted ``key=value``
+overrides from the command line (``train.epochs=3 model.heads.diagnosis.loss_weight=0.5``).
+Unknown keys, wrong types and values outside the allowed set fail at once with the dotted name of
+the field. Every run writes its resolved ``config.yaml`` beside its checkpoints.
+
+Naming rules used throughout the project:
+    * ``rank`` is the global rank, ``local_rank`` the device index on one node.
+    * ``batch_size`` is per worker; ``global_batch_size`` is
+      ``batch_size * num_workers * accumulation_steps``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "AugmentConfig",
+    "BackboneConfig",
+    "ClassificationHeadConfig",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DetectionHeadConfig",
+    "DistributedConfig",
+    "HeadConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RetrievalHeadConfig",
+    "ScheduleConfig",
+    "SegmentationHeadConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+class AugmentConfig(_Strict):
+    """Training-time augmentation; masks and boxes are transformed with the image."""
+
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    vflip: float = 0.0
+    """Probability of a vertical flip."""
+    random_crop: bool = True
+    """Random crop (after padding when needed) to ``data.image_size``; centre crop when False."""
+    intensity_jitter: float = 0.1
+    """Scale and shift of normalised intensities, drawn from [-x, x]; 0 disables."""
+
+
+class DataConfig(_Strict):
+    """Where the shards are and how batches are made from them."""
+
+    shards: str = ""
+    """Directory holding ``dataset.json`` and the tar shards (from ``bigmodel-shard build``)."""
+    image_size: int = Field(224, gt=0)
+    """Side of the square crop fed to the model, in pixels."""
+    batch_size: int = Field(32, gt=0)
+    """Samples per worker per step (before gradient accumulation)."""
+    eval_batch_size: int | None = None
+    """Samples per worker per evaluation step; ``batch_size`` when unset."""
+    loader_workers: int = Field(2, ge=0)
+    """DataLoader worker processes per training worker."""
+    shuffle_buffer: int = Field(1000, ge=0)
+    """Samples held in the shuffle buffer (0 disables shuffling)."""
+    train_split: str = "train"
+    """Split used for training."""
+    val_split: str = "val"
+    """Split used for evaluation during training."""
+    normalize: Literal["manifest", "none"] = "manifest"
+    """``manifest`` uses the per-channel mean/std in ``dataset.json``."""
+    augment: AugmentConfig = AugmentConfig()
+    """Training-time augmentation."""
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+class BackboneConfig(_Strict):
+    """A timm model used as a multi-scale feature extractor (``features_only``)."""
+
+    name: str = "resnet50"
+    """Any timm model name (``timm.list_models()``), e.g. resnet50, convnext_tiny, vit_base_patch16_224."""
+    pretrained: str | None = None
+    """Local weights file or folder (.safetensors/.pth/.bin). Nothing is downloaded at run time."""
+    in_chans: int | None = Field(None, gt=0)
+    """Input channels; taken from the dataset manifest when unset."""
+    out_indices: list[int] | None = None
+    """Feature levels to return; the backbone's default levels when unset."""
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    """Stochastic depth rate passed to timm."""
+    grad_checkpointing: bool = False
+    """Trade compute for memory: recompute activations in the backward pass."""
+    channels_last: bool = False
+    """Use the NHWC memory format (faster convolutions on tensor cores)."""
+    freeze: Literal["none", "all", "stages"] = "none"
+    """Freeze nothing, the whole backbone, or its first ``freeze_stages`` stages."""
+    freeze_stages: int = Field(0, ge=0)
+    """Number of leading stages frozen when ``freeze=stages``."""
+
+
+class _HeadBase(_Strict):
+    loss_weight: float = Field(1.0, ge=0.0)
+    """Weight of this head's loss in the total."""
+    target: str = "cls"
+    """Sample field holding this head's labels: ``cls``, ``mask``, ``boxes`` or ``group``."""
+    num_classes: int | None = Field(None, gt=0)
+    """Number of classes; taken from the dataset manifest when unset."""
+
+
+class ClassificationHeadConfig(_HeadBase):
+    """Pooled features -> linear classifier."""
+
+    type: Literal["classification"] = "classification"
+    multilabel: bool = False
+    """Independent sigmoid per class (BCE; missing labels are masked) instead of softmax."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Label smoothing of the multi-class cross-entropy."""
+    focal: bool = False
+    """Use focal loss instead of (binary) cross-entropy."""
+    focal_gamma: float = Field(2.0, ge=0.0)
+    """Focusing parameter of the focal loss."""
+    class_weights: list[float] | None = None
+    """Per-class loss weights (length ``num_classes``)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout before the classifier."""
+
+
+class SegmentationHeadConfig(_HeadBase):
+    """FPN-style decoder over all feature levels; logits at input resolution."""
+
+    type: Literal["segmentation"] = "segmentation"
+    target: str = "mask"
+    decoder_channels: int = Field(128, gt=0)
+    """Channels of the FPN decoder."""
+    ignore_index: int = 255
+    """Mask value excluded from loss and metrics."""
+    dice_weight: float = Field(1.0, ge=0.0)
+    """Weight of the Dice term relative to cross-entropy."""
+
+
+class DetectionHeadConfig(_HeadBase):
+    """torchvision detector (RetinaNet, Faster R-CNN, Mask R-CNN) on the shared backbone + FPN."""
+
+    type: Literal["detection"] = "detection"
+    target: str = "boxes"
+    detector: Literal["retinanet", "fasterrcnn", "maskrcnn"] = "retinanet"
+    """Which torchvision detector to attach."""
+    fpn_channels: int = Field(128, gt=0)
+    """Channels of the detection FPN."""
+    score_threshold: float = Field(0.05, ge=0.0, le=1.0)
+    """Minimum score of a reported detection."""
+    detections_per_image: int = Field(100, gt=0)
+    """Maximum detections kept per image."""
+
+
+class RetrievalHeadConfig(_HeadBase):
+    """Projection to an L2-normalised embedding trained with a metric-learning loss."""
+
+    type: Literal["retrieval"] = "retrieval"
+    embed_dim: int = Field(128, gt=0)
+    """Dimension of the embedding."""
+    metric_loss: Literal["supcon", "arcface", "triplet"] = "supcon"
+    """Metric-learning loss (pytorch-metric-learning)."""
+    temperature: float = Field(0.1, gt=0.0)
+    """Temperature of the supervised contrastive loss."""
+    margin: float = Field(0.2, ge=0.0)
+    """Margin of the triplet / ArcFace losses."""
+
+
+HeadConfig = Annotated[
+    Union[
+        ClassificationHeadConfig,
+        SegmentationHeadConfig,
+        DetectionHeadConfig,
+        RetrievalHeadConfig,
+    ],
+    Field(discriminator="type"),
+]
+
+
+class ModelConfig(_Strict):
+    """One backbone and any set of named heads."""
+
+    backbone: BackboneConfig = BackboneConfig()
+    """The shared feature extractor."""
+    heads: dict[str, HeadConfig] = Field(default_factory=dict)
+    """Task heads by name; each entry's ``type`` selects its schema."""
+
+    @model_validator(mode="after")
+    def _at_least_one_head(self) -> ModelConfig:
+        if not self.heads:
+            raise ValueError(
+                "model.heads is empty: add at least one head, e.g. "
+                "heads: {diagnosis: {type: classification, target: cls}}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# optimisation
+
+
+class OptimConfig(_Strict):
+    """Optimizer and large-batch settings (timm optimizers)."""
+
+    name: Literal["sgd", "adamw", "lamb", "lars"] = "adamw"
+    """timm optimizer name."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Learning rate at ``reference_batch_size``; scaled to the global batch by ``lr_scaling``."""
+    reference_batch_size: int = Field(256, gt=0)
+    """Global batch size at which ``lr`` was tuned."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
+    """How ``lr`` scales with global_batch_size / reference_batch_size."""
+    weight_decay: float = Field(0.05, ge=0.0)
+    """Decoupled weight decay; never applied to norms and biases."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """Momentum for SGD and LARS."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/LAMB betas."""
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this value (None disables)."""
+    accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches accumulated per optimizer step."""
+
+
+class ScheduleConfig(_Strict):
+    """Learning-rate schedule (timm schedulers), stepped per optimizer update."""
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    """Schedule after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from ``warmup_lr`` to the scaled lr, in optimizer steps."""
+    warmup_lr: float = Field(1e-6, ge=0.0)
+    """Learning rate at step 0 of the warmup."""
+    min_lr: float = Field(0.0, ge=0.0)
+    """Floor of the cosine schedule."""
+    decay_steps: int = Field(1000, gt=0)
+    """Period of the step schedule, in optimizer steps."""
+    decay_rate: float = Field(0.1, gt=0.0)
+    """Multiplier applied every ``decay_steps`` by the step schedule."""
+
+
+# --------------------------------------------------------------------------------------------
+# training loop
+
+
+class TrainConfig(_Strict):
+    """Length of the run, precision, logging and checkpoint cadence."""
+
+    epochs: int = Field(10, gt=0)
+    """Passes over the training split (epoch length comes from the manifest's sample count)."""
+    steps_per_epoch: int | None = Field(None, gt=0)
+    """Optimizer steps per epoch; derived from the manifest and the global batch when unset."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype; fp16 uses a gradient scaler."""
+    sync_bn: bool = True
+    """Convert BatchNorm to synchronised BatchNorm when world size > 1."""
+    log_every: int = Field(10, gt=0)
+    """Log metrics every N optimizer steps."""
+    eval_every: int = Field(1, ge=0)
+    """Evaluate every N epochs (0 disables evaluation during training)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+    max_nonfinite: int = Field(10, ge=0)
+    """Stop the run after this many skipped non-finite losses."""
+    output_dir: str = "runs"
+    """Where runs write config.yaml, logs, curves and checkpoints (a local folder)."""
+
+
+class DistributedConfig(_Strict):
+    """Data-parallel strategy; applied once, in ``bigmodel.engine``."""
+
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """PyTorch DDP, or a DeepSpeed engine."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage (deepspeed strategy only)."""
+    offload_optimizer: bool = False
+    """ZeRO: keep optimizer state in CPU memory (stage >= 1)."""
+    offload_params: bool = False
+    """ZeRO-3: keep parameters in CPU memory."""
+    deepspeed_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Entries merged last into the generated DeepSpeed config."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend; ``auto`` is nccl on GPU and gloo on CPU."""
+    timeout_s: int = Field(1800, gt=0)
+    """Timeout of collective operations, in seconds."""
+    find_unused_parameters: bool = False
+    """DDP: tolerate parameters that get no gradient in a step."""
+
+    @model_validator(mode="after")
+    def _zero_needs_deepspeed(self) -> DistributedConfig:
+        if self.strategy == "ddp" and (
+            self.zero_stage or self.offload_optimizer or self.offload_params
+        ):
+            raise ValueError("distributed.zero_stage/offload_* need distributed.strategy=deepspeed")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+        return self
+
+
+class ClusterConfig(_Strict):
+    """Where and on what the run executes (read by ``launch/``)."""
+
+    address: str | None = None
+    """Ray cluster address; ``RAY_ADDRESS`` or an embedded local Ray when unset."""
+    num_workers: int = Field(1, gt=0)
+    """Training workers (one process each, one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    """Give each worker a GPU."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs reserved per worker."""
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    """GPUs reserved per worker when use_gpu."""
+    storage_path: str | None = None
+    """Shared storage for checkpoints (s3://, gs://, or an NFS path); required on multi-node."""
+    max_failures: int = Field(0, ge=-1)
+    """Restarts from the last checkpoint after a worker failure (-1: unlimited)."""
+
+
+class Config(_Strict):
+    """A complete run."""
+
+    name: str = "run"
+    """Run name; the run folder is ``{train.output_dir}/{name}``."""
+    seed: int = 0
+    """Seed for model init, data order and augmentation."""
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step across all workers."""
+        return self.data.batch_size * self.cluster.num_workers * self.optim.accumulation_steps
+
+    def scaled_lr(self) -> float:
+        """``optim.lr`` scaled from ``reference_batch_size`` to the global batch."""
+        ratio = self.global_batch_size / self.optim.reference_batch_size
+        if self.optim.lr_scaling == "linear":
+            return self.optim.lr * ratio
+        if self.optim.lr_scaling == "sqrt":
+            return self.optim.lr * ratio**0.5
+        return self.optim.lr
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, ready for YAML."""
+        return self.model_dump(mode="json")
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (temporary name, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted ``key=value`` overrides applied.
+
+    Values are parsed as YAML (``3`` is an int, ``[1, 2]`` a list, ``null`` None). Keys that do
+    not exist are still set here; validation then rejects them with the field's name.
+    """
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. train.epochs=3)"
+            )
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a nested dict into a :class:`Config`; errors name the dotted field."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+        source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides"
+    return config_from_dict(data, source)

@@ -1,0 +1,1 @@
+"""Reading shards into batches for every task (see sharding/format.py for the format)."""

@@ -1,0 +1,1 @@
+"""Backbones (timm, features_only), task heads and the multi-task model."""

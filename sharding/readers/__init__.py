@@ -1,0 +1,1 @@
+"""Source-format readers (nnU-Net/MSD, NIfTI+CSV, DICOM, image folders, CSV, COCO, npz)."""

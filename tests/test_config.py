@@ -1,0 +1,81 @@
+"""The config schema: YAML in, dotted overrides, errors that name the field."""
+
+import pytest
+
+from bigmodel.config import ConfigError, apply_overrides, load_config
+
+MINIMAL = """
+model:
+  backbone: {name: resnet18}
+  heads:
+    diag: {type: classification}
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg = load_config(_write(tmp_path, MINIMAL), ["train.epochs=3", "data.batch_size=8"])
+    assert cfg.train.epochs == 3
+    assert cfg.data.batch_size == 8
+    assert cfg.model.heads["diag"].type == "classification"
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        load_config(_write(tmp_path, MINIMAL), ["train.epochz=3"])
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        load_config(_write(tmp_path, MINIMAL), ["data.batch_size=many"])
+
+
+def test_bad_choice_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"distributed\.strategy.*'ddp'"):
+        load_config(_write(tmp_path, MINIMAL), ["distributed.strategy=horovod"])
+
+
+def test_zero_needs_deepspeed(tmp_path):
+    with pytest.raises(ConfigError, match="strategy=deepspeed"):
+        load_config(_write(tmp_path, MINIMAL), ["distributed.zero_stage=2"])
+
+
+def test_model_is_required_and_needs_a_head():
+    with pytest.raises(ConfigError, match="model: Field required"):
+        load_config(None)
+    with pytest.raises(ConfigError, match="model.heads is empty"):
+        load_config(None, ["model.backbone.name=resnet18", "model.heads={}"])
+
+
+def test_lr_scaling_and_global_batch(tmp_path):
+    cfg = load_config(
+        _write(tmp_path, MINIMAL),
+        [
+            "data.batch_size=64",
+            "cluster.num_workers=4",
+            "optim.accumulation_steps=2",
+            "optim.lr=0.1",
+            "optim.reference_batch_size=256",
+        ],
+    )
+    assert cfg.global_batch_size == 512
+    assert cfg.scaled_lr() == pytest.approx(0.2)
+    cfg.optim.lr_scaling = "sqrt"
+    assert cfg.scaled_lr() == pytest.approx(0.1 * 2**0.5)
+
+
+def test_save_roundtrip(tmp_path):
+    cfg = load_config(_write(tmp_path, MINIMAL), ["seed=7"])
+    cfg.save(tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+
+
+def test_override_into_value_is_an_error():
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])

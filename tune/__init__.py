@@ -1,0 +1,1 @@
+"""Everything that knows Ray Tune: sweeps over distributed training runs (`bigmodel-tune`)."""
