@@ -32,6 +32,11 @@ class SourceError(ValueError):
             msg += f" ({fix})"
         super().__init__(msg)
 
+    def __reduce__(self):
+        # exceptions pickle as ``cls(*self.args)``; ours takes three arguments, and it must
+        # cross process and Ray task boundaries intact
+        return (type(self), (self.file, self.problem, self.fix))
+
 
 @dataclass
 class SourceItem:

@@ -1,0 +1,413 @@
+"""Build WebDataset shards and ``dataset.json`` from a reader: the engine of ``bigmodel-shard build``.
+
+Flow: scan the source (cheap, validates everything) -> assign patient-level splits -> check the
+output folder (fresh, resumable, or another dataset) -> load + cut + encode items in parallel ->
+one ordered writer per split caps shards by bytes and samples -> journal after every finished
+shard -> manifest. A rerun of the same command resumes from the journals; a finished build is a
+no-op. The same command always gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sharding import __version__
+from sharding import format as fmt
+from sharding._parallel import run_ordered
+from sharding._samples import AXES, ItemResult, SamplePlan, process_item
+from sharding._stats import ChannelStats
+from sharding._writer import ShardSink, atomic_write_json
+from sharding.records import Reader, SourceError, SourceItem
+from sharding.splits import assign_splits
+
+STATE_DIR = ".bigmodel-shard"
+"""Hidden folder inside the output holding the build state and per-split journals until done."""
+
+LAYOUTS = ("2d", "2.5d", "3d")
+
+
+@dataclass
+class BuildOptions:
+    """How to cut, split and shard a source (the ``bigmodel-shard build`` flags)."""
+
+    layout: str = "2d"
+    """``2d`` slices, ``2.5d`` slices with neighbours as channels, ``3d`` volumes or patches."""
+    axis: str = "z"
+    """Slicing axis of volumes (``z``, ``y`` or ``x``; readers put z first)."""
+    context: int = 1
+    """2.5D: neighbouring slices on each side stacked as channels."""
+    patch: tuple[int, int, int] | None = None
+    """3D: cut volumes into tiles of this ``(D, H, W)`` size; None writes whole volumes."""
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    """Seeds the patient-to-split assignment."""
+    use_source_split: bool = False
+    """Keep the split the source names for an item (others are split by ``split_ratios``)."""
+    max_shard_bytes: int = 256 << 20
+    max_shard_samples: int = 1000
+    workers: int = 1
+    """Processes loading and encoding items (writing stays one ordered stream)."""
+    use_ray: bool = False
+    """Load and encode items as Ray tasks (``ray_address`` or a local Ray)."""
+    ray_address: str | None = None
+    skip_bad: bool = False
+    """Record bad items in ``dataset.json["skipped"]`` instead of stopping."""
+    name: str = ""
+    dtype: str | None = None
+    """Cast every image to this dtype; default keeps the source's (float64 becomes float32)."""
+    command: str = ""
+    """The command line, recorded in the manifest."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`SourceError` naming the flag and its allowed values."""
+        if self.layout not in LAYOUTS:
+            raise SourceError(f"--layout {self.layout}", "unknown layout", f"use one of {LAYOUTS}")
+        if self.axis not in AXES:
+            raise SourceError(f"--axis {self.axis}", "unknown axis", f"use one of {tuple(AXES)}")
+        if self.context < 0:
+            raise SourceError(f"--context {self.context}", "must be >= 0", "")
+        if self.patch is not None and (len(self.patch) != 3 or min(self.patch) < 1):
+            raise SourceError(
+                f"--patch {self.patch}", "needs three positive sizes", "e.g. 32,64,64"
+            )
+        if self.patch is not None and self.layout != "3d":
+            raise SourceError("--patch", "only applies to --layout 3d", "add --layout 3d")
+        if self.max_shard_samples < 1 or self.max_shard_bytes < 1:
+            raise SourceError("--max-shard-samples/--max-shard-bytes", "must be positive", "")
+        if self.workers < 1:
+            raise SourceError(f"--workers {self.workers}", "must be >= 1", "")
+
+
+@dataclass
+class _SplitState:
+    """One split's journal: what is finished and where to resume."""
+
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    item: int = 0
+    """Index (into the split's sorted items) of the first item not fully in finished shards."""
+    sample: int = 0
+    """Samples of that item already in finished shards."""
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    label_counts: dict[str, list[int]] = field(default_factory=dict)
+    stats: dict[str, Any] | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> _SplitState:
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+
+def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> dict[str, Any]:
+    """Write ``reader``'s items as shards plus ``dataset.json`` into ``out_dir``; return the manifest."""
+    options.validate()
+    started = time.perf_counter()
+    out = Path(out_dir)
+    items, schema = reader.scan()
+    items = sorted(items, key=lambda it: it.source_id)
+    source_path = str(getattr(reader, "path", ""))
+    _check_items(items, source_path)
+    assignment = assign_splits(items, options.split_ratios, options.seed, options.use_source_split)
+    tasks_json = schema.to_json()
+    fingerprint = _fingerprint(reader, items, assignment, tasks_json, options)
+    done = _prepare_out_dir(out, fingerprint)
+    if done is not None:
+        _log(options, f"{out}: already complete (same source and options); nothing to do")
+        return done
+
+    state_dir = out / STATE_DIR
+    state = json.loads((state_dir / "state.json").read_text())
+    by_split = {s: [it for it in items if assignment[it.source_id] == s] for s in fmt.SPLITS}
+    journals = {s: _SplitState.load(state_dir / f"{s}.json") for s in fmt.SPLITS}
+    _drop_unjournaled(out, journals)
+
+    plan = SamplePlan(
+        layout=options.layout,
+        axis=options.axis,
+        context=options.context if options.layout == "2.5d" else 0,
+        patch=tuple(options.patch) if options.patch else None,
+        dtype=options.dtype or state.get("image", {}).get("dtype"),
+        force_dtype=options.dtype is not None,
+        tasks=tasks_json,
+        source_root=source_path,
+    )
+    todo = [
+        (split, idx, item)
+        for split in fmt.SPLITS
+        for idx, item in enumerate(by_split[split])
+        if idx >= journals[split].item
+    ]
+    sinks = {
+        s: ShardSink(out, s, options.max_shard_bytes, options.max_shard_samples, len(j.shards))
+        for s, j in journals.items()
+    }
+    stats = {s: _stats_of(j) for s, j in journals.items()}
+    written = {"samples": 0, "bytes": 0}
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(items), initial=len(items) - len(todo), unit="item", disable=not options.progress
+    )
+    results = _results(reader, todo, plan, options, state, out)
+    try:
+        for (split, idx, item), result in zip(todo, results, strict=True):
+            journal = journals[split]
+            bar.update(1)
+            if result.error is not None:
+                if not options.skip_bad:
+                    raise result.error
+                err = result.error
+                journal.skipped.append(
+                    {"file": err.file, "reason": err.problem, "source_id": item.source_id}
+                )
+                continue
+            _check_consistent(state, result, item, out)
+            first = journal.sample if idx == journal.item else 0
+            for j, sample in enumerate(result.samples[first:], start=first):
+                finished = sinks[split].add(sample)
+                written["samples"] += 1
+                if finished:
+                    written["bytes"] += finished["bytes"]
+                    journal.shards.append(finished)
+                    journal.item, journal.sample = idx, j
+                    journal.stats = stats[split].to_state()
+                    atomic_write_json(state_dir / f"{split}.json", vars(journal))
+            stats[split].merge(result.stats)
+            for task, counts in result.label_counts.items():
+                row = journal.label_counts.setdefault(task, [0] * len(counts))
+                journal.label_counts[task] = [a + b for a, b in zip(row, counts, strict=True)]
+            bar.set_postfix(samples=written["samples"], refresh=False)
+        for split, sink in sinks.items():
+            finished = sink.finish()
+            journal = journals[split]
+            if finished:
+                written["bytes"] += finished["bytes"]
+                journal.shards.append(finished)
+            journal.item, journal.sample = len(by_split[split]), 0
+            journal.stats = stats[split].to_state()
+            atomic_write_json(state_dir / f"{split}.json", vars(journal))
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    finally:
+        results.close()  # stops the pool or Ray tasks now, not when the traceback is collected
+        bar.close()
+
+    if not any(j.shards for j in journals.values()):
+        skipped = [s for j in journals.values() for s in j.skipped]
+        first = f"; first: {skipped[0]['file']}: {skipped[0]['reason']}" if skipped else ""
+        raise SourceError(
+            source_path or "source",
+            f"no samples written ({len(skipped)} of {len(items)} items skipped{first})",
+            "fix the source; an empty dataset cannot be trained on",
+        )
+    manifest = _manifest(reader, options, state, fingerprint, tasks_json, by_split, journals, stats)
+    atomic_write_json(out / fmt.MANIFEST_NAME, manifest)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    mb = written["bytes"] / 1e6
+    _log(
+        options,
+        f"wrote {written['samples']} samples, {sum(len(j.shards) for j in journals.values())} "
+        f"shards ({sum(s['bytes'] for j in journals.values() for s in j.shards) / 1e6:.1f} MB in "
+        f"all) in {seconds:.1f} s, {mb / max(seconds, 1e-9):.1f} MB/s; "
+        f"{len(manifest['skipped'])} skipped -> {out / fmt.MANIFEST_NAME}",
+    )
+    return manifest
+
+
+def _results(reader, todo, plan: SamplePlan, options: BuildOptions, state, out: Path):
+    """Item results in ``todo`` order; the first is done here to fix the dataset's dtype."""
+    rest = iter(todo)
+    if plan.dtype is None:
+        for _, _, item in rest:
+            result = process_item(reader, item, plan)
+            yield result
+            if result.error is None:
+                plan = replace(plan, dtype=result.dtype)
+                break
+    tasks = ((item, plan) for _, _, item in rest)
+    yield from run_ordered(reader, tasks, options.workers, options.ray_address, options.use_ray)
+
+
+def _check_items(items: list[SourceItem], source_path: str) -> None:
+    if not items:
+        raise SourceError(
+            source_path or "source", "no items found", "check --input and --source (and --option)"
+        )
+    seen: set[str] = set()
+    for item in items:
+        file = item.paths.get("image", item.source_id)
+        if not item.group or not str(item.group).strip():
+            raise SourceError(
+                file, "missing patient id", "fill in the patient/group id for every item"
+            )
+        if not fmt.is_valid_key(fmt.sample_key(item.source_id)):
+            raise SourceError(file, f"source id {item.source_id!r} is not key-safe", "")
+        if item.source_id in seen:
+            raise SourceError(file, f"duplicate source id {item.source_id!r}", "ids must be unique")
+        seen.add(item.source_id)
+
+
+def _fingerprint(reader, items, assignment, tasks_json, options: BuildOptions) -> str:
+    """Hash of everything that decides the shards' content (not workers, Ray or progress)."""
+    relevant = {
+        k: v
+        for k, v in asdict(options).items()
+        if k not in ("workers", "use_ray", "ray_address", "command", "progress")
+    }
+    payload = {
+        "format": fmt.FORMAT_VERSION,
+        "kind": getattr(reader, "kind", type(reader).__name__),
+        "path": str(getattr(reader, "path", "")),
+        "options": relevant,
+        "tasks": tasks_json,
+        "items": [
+            [it.source_id, it.group, assignment[it.source_id], it.paths, it.cls, it.boxes]
+            for it in items
+        ],
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _prepare_out_dir(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    """Make ``out`` ready; return the manifest when this exact build is already complete."""
+    manifest_path = out / fmt.MANIFEST_NAME
+    state_path = out / STATE_DIR / "state.json"
+    fix = "choose a new --out, or delete the folder to rebuild there"
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as err:
+            raise SourceError(str(manifest_path), f"unreadable manifest: {err}", fix) from None
+        if manifest.get("created_by", {}).get("fingerprint") == fingerprint:
+            return manifest
+        raise SourceError(
+            str(out),
+            f"holds another dataset ({manifest.get('name')!r}, built by "
+            f"{manifest.get('created_by', {}).get('command', '?')!r})",
+            fix,
+        )
+    if state_path.exists():
+        if json.loads(state_path.read_text()).get("fingerprint") != fingerprint:
+            raise SourceError(
+                str(out), "holds an unfinished build of another dataset or other options", fix
+            )
+        return None
+    if out.exists() and any(out.iterdir()):
+        raise SourceError(str(out), "is not empty and holds no bigmodel-shard build", fix)
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state_path, {"fingerprint": fingerprint, "image": {}})
+    return None
+
+
+def _drop_unjournaled(out: Path, journals: dict[str, _SplitState]) -> None:
+    """Remove temporary files and shards a crash left behind after the last journal entry."""
+    for path in out.glob(".*.tar.tmp"):
+        path.unlink()
+    for split, journal in journals.items():
+        keep = {s["name"] for s in journal.shards}
+        for path in out.glob(f"{split}-*.tar"):
+            if path.name not in keep:
+                path.unlink()
+
+
+def _stats_of(journal: _SplitState) -> ChannelStats:
+    return ChannelStats.from_state(journal.stats) if journal.stats else ChannelStats(0)
+
+
+def _check_consistent(
+    state: dict[str, Any], result: ItemResult, item: SourceItem, out: Path
+) -> None:
+    """Every sample of a dataset has the same channels, dtype and encoding (fixed by the first)."""
+    if not result.samples:
+        return
+    seen = {
+        "dtype": result.dtype,
+        "channels": result.channels,
+        "encoding": result.encoding,
+        "channel_names": result.channel_names,
+        "sample_ndim": result.sample_ndim,
+    }
+    image = state["image"]
+    if not image:
+        image.update(seen)
+        atomic_write_json(out / STATE_DIR / "state.json", state)
+        return
+    for key in ("channels", "dtype", "encoding", "sample_ndim"):
+        if image.get(key) != seen[key]:
+            raise SourceError(
+                item.paths.get("image", item.source_id),
+                f"{key} is {seen[key]}, but earlier items have {image.get(key)}",
+                "make the source uniform (same channels/modalities), or pass --dtype float32 "
+                "for mixed dtypes",
+            )
+
+
+def _manifest(reader, options, state, fingerprint, tasks_json, by_split, journals, stats):
+    splits, skipped = {}, []
+    for split, items in by_split.items():
+        journal = journals[split]
+        skipped.extend(journal.skipped)
+        skipped_ids = {s["source_id"] for s in journal.skipped}
+        summary = stats[split].summary()
+        splits[split] = {
+            "num_samples": sum(s["num_samples"] for s in journal.shards),
+            "num_groups": len({it.group for it in items if it.source_id not in skipped_ids}),
+            "shards": journal.shards,
+            "label_counts": journal.label_counts,
+            "stats": summary,
+        }
+    overall = stats["train"]
+    if overall.count == 0:  # no train split: describe whatever was written
+        for s in stats.values():
+            overall.merge(s)
+    image = dict(state["image"])
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "name": options.name or Path(str(getattr(reader, "path", "dataset"))).name,
+        "created_by": {
+            "command": options.command or "sharding.build_shards(...)",
+            "version": __version__,
+            "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "fingerprint": fingerprint,
+        },
+        "source": {
+            "kind": getattr(reader, "kind", type(reader).__name__),
+            "path": str(getattr(reader, "path", "")),
+        },
+        "layout": options.layout,
+        "axis": options.axis,
+        "context": options.context if options.layout == "2.5d" else 0,
+        "patch": list(options.patch) if options.patch else None,
+        "split": {
+            "ratios": list(options.split_ratios),
+            "seed": options.seed,
+            "use_source_split": options.use_source_split,
+            "by": "patient (group)",
+        },
+        "image": {
+            "encoding": image.get("encoding", "npy"),
+            "dtype": image.get("dtype", ""),
+            "channels": image.get("channels", 0),
+            "channel_names": image.get("channel_names", []),
+        },
+        "tasks": tasks_json,
+        "stats": overall.summary(),
+        "splits": splits,
+        "skipped": skipped,
+    }
+
+
+def _log(options: BuildOptions, message: str) -> None:
+    if options.progress:
+        print(message, file=sys.stderr)

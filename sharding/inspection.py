@@ -1,0 +1,152 @@
+"""``bigmodel-shard inspect``: a summary table of a shard folder and a PNG grid of samples.
+
+The grid is the quickest check that masks and boxes line up with the pixels after slicing and
+that windowing looks sane, before anyone trains on the data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sharding import format as fmt
+from sharding.verify import _samples, load_manifest
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    """Splits, samples, patients, shards, bytes, classes with counts, and intensity stats."""
+    img = manifest["image"]
+    created = manifest.get("created_by", {})
+    lines = [
+        f"dataset {manifest.get('name', '?')!r}  format {manifest['format_version']}  layout "
+        f"{manifest.get('layout', '?')}  built by bigmodel-shard {created.get('version', '?')} "
+        f"at {created.get('time', '?')}",
+        f"image   {img.get('encoding')} {img.get('dtype')} x {img.get('channels')} channel(s) "
+        f"{img.get('channel_names', [])}",
+        "",
+        f"{'split':<7}{'samples':>10}{'patients':>10}{'shards':>8}{'MB':>10}",
+    ]
+    totals = [0, 0, 0, 0]
+    for split, info in manifest["splits"].items():
+        size = sum(s.get("bytes", 0) for s in info["shards"])
+        row = [info["num_samples"], info.get("num_groups", 0), len(info["shards"]), size]
+        totals = [a + b for a, b in zip(totals, row, strict=True)]
+        lines.append(f"{split:<7}{row[0]:>10}{row[1]:>10}{row[2]:>8}{row[3] / 1e6:>10.2f}")
+    lines.append(
+        f"{'total':<7}{totals[0]:>10}{totals[1]:>10}{totals[2]:>8}{totals[3] / 1e6:>10.2f}"
+    )
+    for task, spec in manifest["tasks"].items():
+        unit = {"cls": "samples", "mask": "pixels", "boxes": "boxes"}.get(task, "")
+        kind = f" ({spec['type']})" if "type" in spec else ""
+        lines += ["", f"task {task}{kind}: counts in {unit}"]
+        header = "".join(f"{s:>12}" for s in manifest["splits"])
+        lines.append(f"  {'class':<20}{header}")
+        for i, name in enumerate(spec["classes"]):
+            cells = ""
+            for info in manifest["splits"].values():
+                counts = info.get("label_counts", {}).get(task)
+                cells += f"{counts[i] if counts else 0:>12}"
+            lines.append(f"  {str(name)[:20]:<20}{cells}")
+    stats = manifest.get("stats") or {}
+    if stats.get("mean"):
+        lines += ["", f"stats ({stats.get('percentiles_from', '')})"]
+        lines.append(f"  {'channel':<14}{'mean':>11}{'std':>11}{'p0.5':>11}{'p99.5':>11}")
+        names = img.get("channel_names") or [f"ch{i}" for i in range(len(stats["mean"]))]
+        for i, name in enumerate(names):
+            values = [stats[k][i] for k in ("mean", "std", "p0_5", "p99_5")]
+            lines.append(f"  {str(name)[:14]:<14}" + "".join(f"{v:>11.4g}" for v in values))
+    skipped = manifest.get("skipped", [])
+    if skipped:
+        lines += ["", f"skipped {len(skipped)} item(s):"]
+        lines += [f"  {s['file']}: {s['reason']}" for s in skipped[:10]]
+    return "\n".join(lines)
+
+
+def pick_samples(root: Path, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """About ``n`` samples spread evenly over the first shard of every non-empty split."""
+    firsts = [info["shards"][0] for info in manifest["splits"].values() if info["shards"]]
+    picked: list[dict[str, Any]] = []
+    for i, shard in enumerate(firsts):
+        want = -(-(n - len(picked)) // (len(firsts) - i))
+        step = max(1, shard["num_samples"] // max(want, 1))
+        for j, (key, members) in enumerate(_samples(root / shard["name"])):
+            if j % step == 0 and want > 0:
+                picked.append({"__key__": key, **members})
+                want -= 1
+    return picked[:n]
+
+
+def save_grid(root: str | Path, n: int, out: str | Path) -> Path:
+    """Draw ``n`` samples with masks overlaid and boxes drawn into the PNG ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    root, out = Path(root), Path(out)
+    manifest = load_manifest(root)
+    samples = pick_samples(root, manifest, n)
+    cols = min(4, max(1, len(samples)))
+    rows = max(1, -(-len(samples) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, sample in zip(axes.ravel(), samples, strict=False):
+        image, mask = _display_arrays(sample, manifest)
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+        if mask is not None and np.any((mask > 0) & (mask != fmt.MASK_IGNORE)):
+            shown = np.ma.masked_where((mask == 0) | (mask == fmt.MASK_IGNORE), mask)
+            ax.imshow(shown, cmap="tab10", alpha=0.45, vmin=0, vmax=9, interpolation="nearest")
+        title = sample["__key__"][-24:]
+        if fmt.BOXES in sample:
+            boxes = json.loads(sample[fmt.BOXES])
+            names = manifest["tasks"].get("boxes", {}).get("classes", [])
+            for (x1, y1, x2, y2), label in zip(boxes["boxes"], boxes["labels"], strict=True):
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow"))
+                if label < len(names):
+                    ax.text(x1, y1, names[label], color="yellow", fontsize=7, va="bottom")
+        if fmt.CLS in sample:
+            names = manifest["tasks"]["cls"]["classes"]
+            title += f"\n{names[int(sample[fmt.CLS].decode())]}"
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def _display_arrays(sample: dict[str, Any], manifest: dict[str, Any]):
+    """A 2D (or RGB) view of the sample: the centre channel of a 2.5D stack, the middle slice of
+    a 3D volume, windowed by the manifest's 0.5/99.5 percentiles; plus the matching mask view."""
+    from PIL import Image
+
+    mask = None
+    if fmt.MASK_NPY in sample:
+        mask = np.load(io.BytesIO(sample[fmt.MASK_NPY]), allow_pickle=False)
+    elif fmt.MASK_PNG in sample:
+        mask = np.asarray(Image.open(io.BytesIO(sample[fmt.MASK_PNG])))
+    if fmt.IMAGE_PNG in sample:
+        return np.asarray(Image.open(io.BytesIO(sample[fmt.IMAGE_PNG]))), mask
+    image = np.load(io.BytesIO(sample[fmt.IMAGE_NPY]), allow_pickle=False)
+    channel = int(manifest.get("context") or 0)  # centre of the first channel's 2.5D stack
+    plane = image[min(channel, image.shape[0] - 1)]
+    if plane.ndim == 3:  # 3D: the middle slice
+        plane = plane[plane.shape[0] // 2]
+        mask = None if mask is None else mask[mask.shape[0] // 2]
+    stats = manifest.get("stats") or {}
+    lo, hi = float(plane.min()), float(plane.max())
+    if stats.get("p0_5") and channel < len(stats["p0_5"]):
+        lo, hi = stats["p0_5"][channel], stats["p99_5"][channel]
+    plane = np.clip((plane.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
+    return plane, mask
+
+
+__all__ = ["pick_samples", "save_grid", "summary_table"]

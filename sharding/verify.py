@@ -1,0 +1,266 @@
+"""``bigmodel-shard verify``: prove a shard folder is intact and usable before a GPU job starts.
+
+Checks checksums and sizes, that every sample decodes (numpy/PIL/json only, no torch) and
+matches the manifest, that no patient is in two splits, and that each split has enough shards for
+the planned ``world_size x loader_workers`` (a DDP rank whose worker gets no shard stops early
+and the others wait for it forever).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sharding import format as fmt
+from sharding._writer import sha256_file
+from sharding.records import SourceError
+
+_REQUIRED = ("format_version", "image", "tasks", "splits")
+
+
+def load_manifest(root: str | Path) -> dict[str, Any]:
+    """Read ``root/dataset.json``; :class:`SourceError` naming the file when missing or broken."""
+    path = Path(root) / fmt.MANIFEST_NAME
+    if not path.is_file():
+        raise SourceError(
+            str(path), "not found", "build the folder with bigmodel-shard build first"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise SourceError(str(path), f"not valid JSON: {err}", "rebuild the shards") from None
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise SourceError(str(path), f"missing field(s) {missing}", "rebuild the shards")
+    if manifest["format_version"] != fmt.FORMAT_VERSION:
+        raise SourceError(
+            str(path),
+            f"format_version {manifest['format_version']} is not {fmt.FORMAT_VERSION}",
+            "rebuild the shards with this version of bigmodel-shard",
+        )
+    return manifest
+
+
+def shards_needed(world_size: int, loader_workers: int) -> int:
+    """Shards a split needs so every rank's every loader worker gets at least one."""
+    return max(1, world_size) * max(1, loader_workers)
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_shards`` found; ``ok`` when there are no errors."""
+
+    root: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per split: ``shards``, ``samples`` (decoded), ``groups``."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self) -> str:
+        """Human-readable summary, one line per split, then warnings and errors."""
+        lines = [f"{self.root}: " + ("OK" if self.ok else f"{len(self.errors)} error(s)")]
+        for split, row in self.splits.items():
+            lines.append(
+                f"  {split:<6} {row['samples']:>8} samples decoded  {row['shards']:>5} shards  "
+                f"{row['groups']:>6} patients"
+            )
+        lines += [f"  warning: {w}" for w in self.warnings]
+        lines += [f"  error: {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+def verify_shards(root: str | Path, world_size: int = 1, loader_workers: int = 0) -> VerifyReport:
+    """Check every shard of ``root`` against its manifest; see the module docstring."""
+    root = Path(root)
+    manifest = load_manifest(root)
+    report = VerifyReport(str(root))
+    keys: set[str] = set()
+    groups_by_split: dict[str, set[str]] = {}
+    listed: set[str] = set()
+    needed = shards_needed(world_size, loader_workers)
+    for split, info in manifest["splits"].items():
+        groups: set[str] = set()
+        decoded = 0
+        for shard in info.get("shards", []):
+            listed.add(shard["name"])
+            decoded += _check_shard(root, shard, manifest, keys, groups, report)
+        groups_by_split[split] = groups
+        report.splits[split] = {
+            "shards": len(info["shards"]),
+            "samples": decoded,
+            "groups": len(groups),
+        }
+        if decoded != info.get("num_samples", decoded):
+            report.errors.append(
+                f"{split}: manifest says {info['num_samples']} samples, shards hold {decoded}"
+            )
+        _check_shard_count(split, info, needed, world_size, loader_workers, report)
+    for path in sorted(root.glob("*.tar")):
+        if path.name not in listed:
+            report.warnings.append(
+                f"{path.name} is not in {fmt.MANIFEST_NAME} (left over? delete it)"
+            )
+    _check_disjoint(groups_by_split, report)
+    return report
+
+
+def _check_shard_count(split, info, needed, world_size, loader_workers, report) -> None:
+    count, samples = len(info.get("shards", [])), info.get("num_samples", 0)
+    if samples == 0:
+        report.warnings.append(f"{split}: empty split")
+        return
+    if count >= needed:
+        return
+    why = (
+        f"{split}: {count} shard(s), but --world-size {world_size} x --loader-workers "
+        f"{max(1, loader_workers)} needs at least {needed} (a rank or loader worker without a "
+        "shard hangs DDP)"
+    )
+    if samples >= needed:
+        fix = f"rebuild with --max-shard-samples {samples // needed}"
+    else:
+        fix = f"the split has only {samples} samples: use fewer ranks/loader workers"
+    report.errors.append(f"{why}; {fix}")
+
+
+def _check_disjoint(groups_by_split: dict[str, set[str]], report: VerifyReport) -> None:
+    names = list(groups_by_split)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared = groups_by_split[a] & groups_by_split[b]
+            if shared:
+                report.errors.append(
+                    f"{len(shared)} patient(s) in both {a} and {b} (e.g. {sorted(shared)[:3]}): "
+                    "splits leak; rebuild (splits are assigned per patient)"
+                )
+
+
+def _check_shard(root: Path, shard: dict, manifest: dict, keys: set, groups: set, report) -> int:
+    """Check one shard's size, hash and samples; return the number of samples decoded."""
+    path = root / shard["name"]
+    if not path.is_file():
+        report.errors.append(f"{shard['name']}: missing; rebuild the shards")
+        return 0
+    size = path.stat().st_size
+    if size != shard.get("bytes", size):
+        report.errors.append(f"{shard['name']}: {size} bytes, manifest says {shard['bytes']}")
+    digest = sha256_file(path)
+    if digest != shard.get("sha256"):
+        report.errors.append(
+            f"{shard['name']}: sha256 mismatch (manifest {str(shard.get('sha256'))[:12]}..., file "
+            f"{digest[:12]}...): corrupt or modified; delete the folder and rerun the build command"
+        )
+    count = 0
+    try:
+        for key, members in _samples(path):
+            if key in keys:
+                report.errors.append(f"{shard['name']}: duplicate sample key {key}")
+            keys.add(key)
+            problem = _check_sample(members, manifest)
+            if problem:
+                report.errors.append(f"{shard['name']}: sample {key}: {problem}")
+            if fmt.GROUP in members:
+                groups.add(members[fmt.GROUP].decode())
+            count += 1
+    except (tarfile.TarError, OSError, EOFError) as err:
+        report.errors.append(f"{shard['name']}: unreadable tar ({err}); rebuild the shards")
+    if count != shard.get("num_samples"):
+        report.errors.append(
+            f"{shard['name']}: {count} samples, manifest says {shard['num_samples']}"
+        )
+    return count
+
+
+def _samples(path: Path):
+    """Yield ``(key, {ext: bytes})`` per sample, requiring each key's members to be contiguous
+    (webdataset groups consecutive members; a key seen again would become a second sample)."""
+    done: set[str] = set()
+    key, members = None, {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            k, _, ext = base.partition(".")
+            if k != key:
+                if key is not None:
+                    yield key, members
+                    done.add(key)
+                if k in done:
+                    raise tarfile.TarError(f"members of sample {k} are not contiguous")
+                key, members = k, {}
+            members[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def _check_sample(members: dict[str, bytes], manifest: dict) -> str:
+    """Decode every member; return what is wrong (empty when the sample is fine)."""
+    image_info, tasks = manifest["image"], manifest["tasks"]
+    try:
+        if fmt.IMAGE_NPY in members:
+            image = np.load(io.BytesIO(members[fmt.IMAGE_NPY]), allow_pickle=False)
+            channels = image.shape[0]
+            spatial = image.shape[1:]
+        elif fmt.IMAGE_PNG in members:
+            image = _png(members[fmt.IMAGE_PNG])
+            channels = 1 if image.ndim == 2 else image.shape[2]
+            spatial = image.shape[:2]
+        else:
+            return "no image member"
+        if image_info.get("channels") and channels != image_info["channels"]:
+            return f"{channels} channels, manifest says {image_info['channels']}"
+        if image_info.get("dtype") and str(image.dtype) != image_info["dtype"]:
+            return f"dtype {image.dtype}, manifest says {image_info['dtype']}"
+        mask = None
+        if fmt.MASK_NPY in members:
+            mask = np.load(io.BytesIO(members[fmt.MASK_NPY]), allow_pickle=False)
+        elif fmt.MASK_PNG in members:
+            mask = _png(members[fmt.MASK_PNG])
+        if mask is not None:
+            if tuple(mask.shape) != tuple(spatial):
+                return f"mask shape {mask.shape} != image {tuple(spatial)}"
+            n = len(tasks.get("mask", {}).get("classes", []))
+            values = np.unique(mask)
+            if n and any(v >= n and v != fmt.MASK_IGNORE for v in values):
+                return f"mask values {values.tolist()} outside 0..{n - 1}"
+        if fmt.CLS in members:
+            n = len(tasks.get("cls", {}).get("classes", []))
+            value = int(members[fmt.CLS].decode())
+            if not 0 <= value < n:
+                return f"class {value} outside 0..{n - 1}"
+        if fmt.CLS_MULTI in members:
+            vec = json.loads(members[fmt.CLS_MULTI])
+            if len(vec) != len(tasks.get("cls", {}).get("classes", [])):
+                return f"multi-label vector of length {len(vec)}"
+        if fmt.BOXES in members:
+            boxes = json.loads(members[fmt.BOXES])
+            if len(boxes["boxes"]) != len(boxes["labels"]):
+                return "boxes and labels differ in length"
+        if fmt.GROUP not in members or not members[fmt.GROUP]:
+            return "no patient id (group)"
+        if fmt.META in members:
+            json.loads(members[fmt.META])
+    except Exception as err:  # any decode failure is a finding, not a crash
+        return f"does not decode: {type(err).__name__}: {err}"
+    return ""
+
+
+def _png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+__all__ = ["VerifyReport", "load_manifest", "shards_needed", "verify_shards"]
