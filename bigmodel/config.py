@@ -176,6 +176,10 @@ class DetectionHeadConfig(_HeadBase):
     """Minimum score of a reported detection."""
     detections_per_image: int = Field(100, gt=0)
     """Maximum detections kept per image."""
+    anchor_sizes: list[float] | None = None
+    """Anchor side (px) per detection level (stride >= 4), finest first; 4 x stride when unset."""
+    rois_per_image: int = Field(512, gt=0)
+    """Faster/Mask R-CNN: proposals sampled per image for the box-head loss (torchvision: 512)."""
 
 
 class RetrievalHeadConfig(_HeadBase):

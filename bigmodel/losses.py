@@ -1,0 +1,243 @@
+"""Task losses, each tolerant of partial labels.
+
+Every loss takes ``(output, target, has)`` where ``has`` (``bool [B]`` or None) says which samples
+carry the task's label, and returns the mean loss over the labelled samples, or ``None`` when the
+batch holds no usable label (the multi-task model then adds ``0 * output.sum()`` so the head gets
+an exact zero gradient). Library losses are used wherever one exists: ``F.cross_entropy``
+(label smoothing, class weights, ignore index), torchvision's ``sigmoid_focal_loss``,
+pytorch-metric-learning's metric losses; detection losses are computed by torchvision's detectors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from bigmodel.config import (
+    ClassificationHeadConfig,
+    ConfigError,
+    DetectionHeadConfig,
+    RetrievalHeadConfig,
+    SegmentationHeadConfig,
+)
+
+__all__ = [
+    "LOSSES",
+    "METRIC_LOSSES",
+    "ClassificationLoss",
+    "DetectionLoss",
+    "RetrievalLoss",
+    "SegmentationLoss",
+    "soft_dice_loss",
+    "softmax_focal_loss",
+]
+
+
+def softmax_focal_loss(
+    logits: Tensor, target: Tensor, gamma: float, weight: Tensor | None = None
+) -> Tensor:
+    """Per-sample multi-class focal loss ``(1 - p_t)^gamma * CE``.
+
+    Written here because torchvision only ships the sigmoid (one-vs-rest) focal loss; this is the
+    softmax form of Lin et al. (2017), with optional per-class weights like ``F.cross_entropy``.
+    """
+    ce = F.cross_entropy(logits, target, reduction="none")
+    p_t = torch.exp(-ce)
+    loss = (1.0 - p_t) ** gamma * ce
+    if weight is not None:
+        loss = loss * weight[target]
+    return loss
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Multi-class soft Dice loss, ``1 - mean over classes of 2|P∩Y| / (|P| + |Y|)``.
+
+    Written here because neither torchvision nor torchmetrics has a differentiable Dice loss
+    (torchmetrics' Dice is a metric) and monai is not a dependency. Ignored pixels are excluded
+    from both the prediction and the target sums; classes absent from both score 1 (no penalty).
+    """
+    num_classes = logits.shape[1]
+    valid = (target != ignore_index).unsqueeze(1)  # [B, 1, H, W]
+    probs = logits.float().softmax(dim=1) * valid
+    one_hot = F.one_hot(target.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2)
+    one_hot = one_hot.to(probs.dtype) * valid
+    dims = (0, 2, 3)
+    intersection = (probs * one_hot).sum(dims)
+    cardinality = probs.sum(dims) + one_hot.sum(dims)
+    eps = 1e-6
+    dice = (2.0 * intersection + eps) / (cardinality + eps)
+    return 1.0 - dice.mean()
+
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy (label smoothing, class weights) or BCE for multi-label; focal as an option.
+
+    Multi-class targets are ``int64 [B]``, multi-label ``float [B, K]`` with 0/1 and ``-1`` where
+    the label is unknown; unknown entries are masked out of the mean.
+    """
+
+    def __init__(self, cfg: ClassificationHeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        weights = None
+        if cfg.class_weights is not None:
+            if cfg.num_classes is not None and len(cfg.class_weights) != cfg.num_classes:
+                raise ConfigError(
+                    f"class_weights has {len(cfg.class_weights)} entries but num_classes is "
+                    f"{cfg.num_classes}: give one weight per class"
+                )
+            weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor, has: Tensor | None = None) -> Tensor | None:
+        """Mean loss over labelled samples (multi-label: labelled entries); None if none."""
+        if self.cfg.multilabel:
+            return self._multilabel(logits, target, has)
+        if target.dim() != 1:
+            raise ValueError(
+                f"multi-class classification expects cls targets of shape [B], got "
+                f"{tuple(target.shape)}; set multilabel: true for multi-hot labels"
+            )
+        valid = target >= 0
+        if has is not None:
+            valid = valid & has
+        if not bool(valid.any()):
+            return None
+        logits, target = logits[valid], target[valid]
+        if self.cfg.focal:
+            return softmax_focal_loss(
+                logits, target, self.cfg.focal_gamma, self.class_weights
+            ).mean()
+        return F.cross_entropy(
+            logits, target, weight=self.class_weights, label_smoothing=self.cfg.label_smoothing
+        )
+
+    def _multilabel(self, logits: Tensor, target: Tensor, has: Tensor | None) -> Tensor | None:
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"multi-label classification expects cls targets of shape {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        known = target >= 0
+        if has is not None:
+            known = known & has.unsqueeze(1)
+        if not bool(known.any()):
+            return None
+        target = target.clamp(min=0).to(logits.dtype)
+        if self.cfg.focal:
+            # alpha=-1: no foreground/background re-weighting; class_weights do that job here.
+            per_entry = sigmoid_focal_loss(
+                logits, target, alpha=-1, gamma=self.cfg.focal_gamma, reduction="none"
+            )
+        else:
+            per_entry = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if self.class_weights is not None:
+            per_entry = per_entry * self.class_weights
+        return per_entry[known].mean()
+
+
+class SegmentationLoss(nn.Module):
+    """Cross-entropy plus ``dice_weight`` x soft Dice, both skipping ``ignore_index`` pixels."""
+
+    def __init__(self, cfg: SegmentationHeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, logits: Tensor, mask: Tensor, has: Tensor | None = None) -> Tensor | None:
+        """Mean loss over annotated pixels of labelled samples; None if there are none."""
+        if mask.shape[-2:] != logits.shape[-2:]:
+            raise ValueError(
+                f"segmentation mask is {tuple(mask.shape[-2:])} but logits are "
+                f"{tuple(logits.shape[-2:])}: masks must have the image's size"
+            )
+        ignore = self.cfg.ignore_index
+        if has is not None:
+            mask = torch.where(has.view(-1, 1, 1), mask, torch.full_like(mask, ignore))
+        if not bool((mask != ignore).any()):
+            return None
+        loss = F.cross_entropy(logits, mask, ignore_index=ignore)
+        if self.cfg.dice_weight > 0:
+            loss = loss + self.cfg.dice_weight * soft_dice_loss(logits, mask, ignore)
+        return loss
+
+
+METRIC_LOSSES = {
+    "supcon": lambda cfg, dim: pml_losses.SupConLoss(temperature=cfg.temperature),
+    # pytorch-metric-learning takes the ArcFace margin in degrees; the config's is in radians
+    # (the paper's m=0.5).
+    "arcface": lambda cfg, dim: pml_losses.ArcFaceLoss(
+        num_classes=cfg.num_classes, embedding_size=dim, margin=math.degrees(cfg.margin)
+    ),
+    "triplet": lambda cfg, dim: pml_losses.TripletMarginLoss(margin=cfg.margin),
+}
+
+
+def _labels_as_ints(target: Tensor | Sequence[str], device: torch.device) -> Tensor:
+    """Class indices as they are, or string ids (patients) mapped to consecutive integers."""
+    if isinstance(target, Tensor):
+        if target.dim() != 1:
+            raise ValueError(
+                f"retrieval expects one label per sample ([B]), got {tuple(target.shape)}"
+            )
+        return target.to(device=device, dtype=torch.long)
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(str(t), len(index)) for t in target], device=device)
+
+
+class RetrievalLoss(nn.Module):
+    """A pytorch-metric-learning loss on the embeddings; same label = positive pair.
+
+    Labels are class indices (``-1`` = unknown) or string ids such as patient groups.
+    ArcFace holds a learnable class-centre matrix, which is why losses are modules that live
+    inside the model (the optimizer and DDP see their parameters).
+    """
+
+    def __init__(self, cfg: RetrievalHeadConfig) -> None:
+        super().__init__()
+        if cfg.metric_loss == "arcface" and cfg.num_classes is None:
+            raise ConfigError(
+                "retrieval metric_loss=arcface needs num_classes (one centre per class); "
+                "use target: cls with a class task, or metric_loss: supcon / triplet"
+            )
+        self.loss = METRIC_LOSSES[cfg.metric_loss](cfg, cfg.embed_dim)
+
+    def forward(
+        self, embeddings: Tensor, target: Tensor | Sequence[str], has: Tensor | None = None
+    ) -> Tensor | None:
+        """Metric loss over labelled samples; None with fewer than two of them."""
+        labels = _labels_as_ints(target, embeddings.device)
+        valid = labels >= 0
+        if has is not None:
+            valid = valid & has.to(valid.device)
+        if int(valid.sum()) < 2:
+            return None
+        # The loss runs in fp32: its exponentials overflow in half precision.
+        return self.loss(embeddings[valid].float(), labels[valid])
+
+
+class DetectionLoss(nn.Module):
+    """Sum of the loss terms torchvision's detector computed in its forward pass."""
+
+    def __init__(self, cfg: DetectionHeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, loss_terms: dict[str, Tensor], target=None, has=None) -> Tensor | None:
+        """Total detection loss (classification + box regression [+ RPN, masks])."""
+        if not loss_terms:
+            return None
+        return sum(loss_terms.values())
+
+
+LOSSES = {
+    "classification": ClassificationLoss,
+    "segmentation": SegmentationLoss,
+    "detection": DetectionLoss,
+    "retrieval": RetrievalLoss,
+}
