@@ -1,1 +1,31 @@
-"""Reading shards into batches for every task (see sharding/format.py for the format)."""
+"""Reading shards into batches for every task (see sharding/format.py for the format).
+
+``load_manifest`` reads a shard folder's ``dataset.json``; ``resolve_config`` fills the model's
+input channels and class counts from it; ``make_train_loader`` / ``make_eval_loader`` yield
+batches that follow the batch contract in docs/contracts.md.
+"""
+
+from bigmodel.data._augment import collate
+from bigmodel.data._decode import SampleError
+from bigmodel.data.manifest import Manifest, ManifestError, load_manifest, resolve_config
+from bigmodel.data.pipeline import (
+    EvalLoader,
+    TrainLoader,
+    make_eval_loader,
+    make_train_loader,
+    train_batches_per_epoch,
+)
+
+__all__ = [
+    "EvalLoader",
+    "Manifest",
+    "ManifestError",
+    "SampleError",
+    "TrainLoader",
+    "collate",
+    "load_manifest",
+    "make_eval_loader",
+    "make_train_loader",
+    "resolve_config",
+    "train_batches_per_epoch",
+]

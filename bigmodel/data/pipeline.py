@@ -1,0 +1,336 @@
+"""Shards to batches: the training and evaluation loaders.
+
+Both loaders are a ``webdataset.DataPipeline`` of ordered stages (open_clip's ``get_wds_dataset``)
+inside a plain ``torch.utils.data.DataLoader``; batching happens in the loader workers, so the
+DataLoader only moves finished batches (``batch_size=None``). Batches follow the batch contract
+in docs/contracts.md.
+
+Training: the split's shards are dealt to ranks (``shards[rank::world_size]``) and then to loader
+workers; each worker draws shards *with replacement* from its own share (weighted by sample
+count, seeded by ``seed``/rank/worker/epoch) forever, and the loader cuts the stream at a fixed
+number of batches per epoch computed from the manifest. So every rank takes exactly the same
+number of steps whatever the shard sizes (an uneven last shard can never leave one rank waiting
+in an all-reduce), and a rank or worker with no shard at all is refused up front. (The loader
+cuts the epoch itself rather than with ``WebLoader.with_epoch`` so that it can carry the epoch
+number into the workers and report ``len()``.) The price of resampling: within an epoch some
+samples repeat and others are skipped, and a worker whose share of shards is small repeats it
+more often; build shards of similar size, many more than ranks x loader workers.
+
+Evaluation: shards are dealt the same way but read once, in order, without resampling or
+shuffling; the last batch of each worker may be short. Every sample is visited exactly once
+across ranks, and each batch carries the samples' keys so this can be checked. Ranks may get
+different numbers of batches (shards differ in size). We chose *not* to pad: the engine
+evaluates with no collective per batch (plain forward of the unwrapped model, metrics that sync
+once in ``compute()``, as torchmetrics does), so unequal counts cannot hang, and no sample is
+counted twice. ``len(loader)`` and ``loader.num_samples`` give this rank's exact counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import multiprocessing
+import random
+from collections.abc import Iterable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from bigmodel.config import Config
+from bigmodel.data._augment import SampleTransform, collate
+from bigmodel.data._decode import SampleDecoder, png_handler
+from bigmodel.data.manifest import Manifest, ManifestError
+
+__all__ = [
+    "EvalLoader",
+    "TrainLoader",
+    "make_eval_loader",
+    "make_train_loader",
+    "train_batches_per_epoch",
+]
+
+
+def _stream_seed(*parts: Any) -> int:
+    """A 64-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return 0 if info is None else info.id
+
+
+def _shard_list(paths: list[str]) -> Iterator[dict]:
+    """The split's shards as ``{"url": path}`` (``wds.SimpleShardList`` refuses an empty split)."""
+    for path in paths:
+        yield {"url": path}
+
+
+def _split_by_rank(src: Iterable[dict], rank: int, world_size: int) -> Iterator[dict]:
+    """Keep every ``world_size``-th shard starting at ``rank``.
+
+    webdataset's ``split_by_node`` reads the rank from the environment or torch.distributed;
+    taking it as an argument lets the caller (and the tests) state it.
+    """
+    yield from itertools.islice(src, rank, None, world_size)
+
+
+def _resample(
+    src: Iterable[dict], counts: dict[str, int], seed: int, rank: int, epoch: Any
+) -> Iterator[dict]:
+    """Draw this worker's shards with replacement, forever (seeded by seed/rank/worker/epoch).
+
+    ``wds.ResampledShards`` draws from the whole list with its own epoch counter, which restarts
+    in every fresh worker process; here the epoch comes from the main process (``epoch`` is a
+    shared value) and the draw is limited to the shards this worker was dealt.
+    """
+    urls = [item["url"] for item in src]
+    weights = [counts[url] for url in urls]
+    if not urls or sum(weights) == 0:
+        raise ManifestError(
+            f"rank {rank} loader worker {_worker_id()} got no samples to train on; rebuild the "
+            f"shards with more (smaller) shards or lower data.loader_workers"
+        )
+    stream_seed = _stream_seed(seed, rank, _worker_id(), epoch.value)
+    if get_worker_info() is not None:
+        # Seeds this worker process's torch RNG, which the augmentations draw from; the main
+        # process (loader_workers=0) keeps its own RNG untouched.
+        torch.manual_seed(stream_seed)
+    rng = random.Random(stream_seed)
+    while True:
+        yield {"url": rng.choices(urls, weights)[0]}
+
+
+def _seeded_shuffle(
+    src: Iterable[dict], bufsize: int, seed: int, rank: int, epoch: Any
+) -> Iterator[dict]:
+    """``wds.shuffle`` with a per-rank/worker/epoch seed (its default seed is time-based)."""
+    rng = random.Random(_stream_seed(seed, rank, _worker_id(), epoch.value, "shuffle"))
+    yield from wds.shuffle(bufsize, initial=max(1, bufsize // 2), rng=rng)(src)
+
+
+def _check_layout(manifest: Manifest) -> None:
+    if manifest.layout == "3d":
+        raise ManifestError(
+            f"{manifest.path}: layout is '3d' but the models are 2D; rebuild the shards with "
+            f"--layout 2d or 2.5d"
+        )
+
+
+def _transform(cfg: Config, manifest: Manifest, train: bool) -> SampleTransform:
+    if cfg.data.normalize == "manifest" and (manifest.mean is None or manifest.std is None):
+        raise ManifestError(
+            f"{manifest.path}: no stats.mean/std for normalisation; rebuild the shards or set "
+            f"data.normalize=none"
+        )
+    use_stats = cfg.data.normalize == "manifest"
+    return SampleTransform(
+        cfg.data.image_size,
+        manifest.mean if use_stats else None,
+        manifest.std if use_stats else None,
+        cfg.data.augment if train else None,
+        boxes="boxes" in manifest.tasks,
+    )
+
+
+def train_batches_per_epoch(cfg: Config, manifest: Manifest, world_size: int) -> int:
+    """Loader batches each rank yields per epoch (micro-batches, counting accumulation).
+
+    ``train.steps_per_epoch`` when set, else one pass over the split's samples by the global
+    batch (at least one optimizer step).
+    """
+    accumulation = cfg.optim.accumulation_steps
+    if cfg.train.steps_per_epoch is not None:
+        return cfg.train.steps_per_epoch * accumulation
+    samples = manifest.split(cfg.data.train_split).num_samples
+    steps = samples // (cfg.data.batch_size * world_size * accumulation)
+    return max(1, steps) * accumulation
+
+
+class _SharedEpoch:
+    """An epoch number the main process sets and loader workers read (open_clip's SharedEpoch)."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        # No lock: only the main process writes, and a lock would tie the value to one
+        # multiprocessing start method (a fork-made lock cannot reach spawned workers).
+        self.shared = multiprocessing.Value("i", epoch, lock=False)
+
+    @property
+    def value(self) -> int:
+        return self.shared.value
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self.shared.value = epoch
+
+
+class TrainLoader:
+    """Endless resampled batches, cut into epochs of a fixed number of batches.
+
+    Each ``iter()`` is one epoch of ``len(self)`` batches; the epoch number advances by itself
+    after each one, or is set with :meth:`set_epoch` (e.g. when resuming).
+    """
+
+    def __init__(self, loader: DataLoader, batches: int, epoch: _SharedEpoch) -> None:
+        self.loader = loader
+        self.batches = batches
+        self._epoch = epoch
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next ``iter()`` yields."""
+        return self._epoch.value
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch (shard draws, shuffle and augmentation are seeded by it)."""
+        self._epoch.value = epoch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Workers read the shared epoch when their stream (re)starts inside iter(self.loader).
+        yield from itertools.islice(iter(self.loader), self.batches)
+        self._epoch.value += 1
+
+
+class EvalLoader:
+    """One ordered pass over this rank's shards; ``len()`` is this rank's exact batch count."""
+
+    def __init__(self, loader: DataLoader, batches: int, num_samples: int) -> None:
+        self.loader = loader
+        self.batches = batches
+        self.num_samples = num_samples
+        """Samples this rank yields per pass (from the manifest's per-shard counts)."""
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.loader)
+
+
+def _data_loader(pipeline: wds.DataPipeline, workers: int) -> DataLoader:
+    return DataLoader(
+        pipeline,
+        batch_size=None,  # the pipeline batches inside each worker
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def make_train_loader(
+    cfg: Config,
+    manifest: Manifest,
+    rank: int,
+    world_size: int,
+    batches_per_epoch: int | None = None,
+) -> TrainLoader:
+    """Training batches for ``rank`` of ``world_size``: resampled, shuffled, augmented.
+
+    Args:
+        cfg: the run config (``data.*``, ``seed``; ``train.steps_per_epoch``).
+        manifest: the shard folder's manifest.
+        rank: global rank of this training worker.
+        world_size: number of training workers.
+        batches_per_epoch: override of :func:`train_batches_per_epoch`.
+
+    Raises:
+        ManifestError: the split has fewer shards than ranks x loader workers (some would get
+            none), or the manifest cannot be used for 2D training.
+    """
+    _check_layout(manifest)
+    data = cfg.data
+    split = manifest.split(data.train_split)
+    workers = data.loader_workers
+    needed = world_size * max(1, workers)
+    if len(split.shards) < needed:
+        raise ManifestError(
+            f"{manifest.path}: split {data.train_split!r} has {len(split.shards)} shard(s) but "
+            f"{world_size} rank(s) x {max(1, workers)} loader worker(s) need at least {needed} "
+            f"(one each): rebuild with more shards (a smaller per-shard sample/byte cap) or set "
+            f"data.loader_workers={max(0, len(split.shards) // world_size)}"
+        )
+    paths = manifest.shard_paths(data.train_split)
+    counts = {path: shard.num_samples for path, shard in zip(paths, split.shards, strict=True)}
+    epoch = _SharedEpoch()
+    stages = [
+        # every shard of the split, in manifest order: {"url": path}
+        partial(_shard_list, paths),
+        # this rank's shards
+        partial(_split_by_rank, rank=rank, world_size=world_size),
+        # this loader worker's shards
+        wds.split_by_worker,
+        # endless seeded draws from them, weighted by sample count
+        partial(_resample, counts=counts, seed=cfg.seed, rank=rank, epoch=epoch),
+        # raw samples: {"__key__", "__url__", "image.npy": bytes, "cls": bytes, ...}
+        wds.tarfile_to_samples(),
+        # the same samples in shuffled order
+        partial(_seeded_shuffle, bufsize=data.shuffle_buffer, seed=cfg.seed, rank=rank, epoch=epoch)
+        if data.shuffle_buffer > 1
+        else None,
+        # numpy arrays, ints, JSON objects (group still bytes)
+        wds.decode(png_handler),
+        # tensors, absent labels filled, has flags
+        wds.map(SampleDecoder(manifest)),
+        # normalised, flipped, cropped/padded to image_size, intensity-jittered
+        wds.map(_transform(cfg, manifest, train=True)),
+        # batches per docs/contracts.md
+        wds.batched(data.batch_size, collation_fn=collate, partial=False),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    batches = batches_per_epoch or train_batches_per_epoch(cfg, manifest, world_size)
+    return TrainLoader(_data_loader(pipeline, workers), batches, epoch)
+
+
+def make_eval_loader(
+    cfg: Config, manifest: Manifest, rank: int, world_size: int, split: str | None = None
+) -> EvalLoader:
+    """Evaluation batches for ``rank``: each sample of ``split`` exactly once across ranks.
+
+    Args:
+        cfg: the run config (``data.*``).
+        manifest: the shard folder's manifest.
+        rank: global rank of this worker.
+        world_size: number of workers.
+        split: split to read; ``data.val_split`` when None.
+    """
+    _check_layout(manifest)
+    data = cfg.data
+    split = split or data.val_split
+    shards = manifest.split(split).shards
+    paths = manifest.shard_paths(split)
+    mine = list(range(rank, len(shards), world_size))
+    # Never more workers than shards: a worker without a shard would only cost a process.
+    workers = min(data.loader_workers, len(mine))
+    batch_size = data.eval_batch_size or data.batch_size
+    # Each worker batches its own shards, so the count is per worker (short last batches).
+    batches = sum(
+        -(-sum(shards[i].num_samples for i in mine[w :: max(1, workers)]) // batch_size)
+        for w in range(max(1, workers))
+    )
+    stages = [
+        # every shard of the split, in manifest order: {"url": path}
+        partial(_shard_list, paths),
+        # this rank's shards
+        partial(_split_by_rank, rank=rank, world_size=world_size),
+        # this loader worker's shards
+        wds.split_by_worker,
+        # raw samples, in shard order (no shuffle: order does not matter for metrics)
+        wds.tarfile_to_samples(),
+        # numpy arrays, ints, JSON objects (group still bytes)
+        wds.decode(png_handler),
+        # tensors, absent labels filled, has flags
+        wds.map(SampleDecoder(manifest)),
+        # normalised, centre-cropped/padded to image_size
+        wds.map(_transform(cfg, manifest, train=False)),
+        # batches per docs/contracts.md; the last one of each worker may be short
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    ]
+    num_samples = sum(shards[i].num_samples for i in mine)
+    return EvalLoader(_data_loader(wds.DataPipeline(*stages), workers), batches, num_samples)

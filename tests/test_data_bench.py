@@ -1,0 +1,37 @@
+"""benchmarks/bench_shards.py runs end to end (--quick) and prints both tables with ratios."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_shards_quick(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_shards.py"),
+            "--quick",
+            "--workers",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    number = r"\s+[0-9.]+"
+    for row in ("tar \\(copy the source files\\)", "bigmodel-shard build"):
+        assert re.search(row + number * 3, out), out
+    for row in ("one file per member", "shard pipeline", "decode from memory \\(bound\\)"):
+        assert re.search(row + number * 2, out), out
+    assert "read (one epoch, 12 samples)" in out
+    # the work folder holds the real artefacts: shards with a manifest, and the per-file copy
+    assert (tmp_path / "shards" / "dataset.json").is_file()
+    assert len(list((tmp_path / "files").glob("*.image.npy"))) == 12
