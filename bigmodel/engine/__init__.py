@@ -1,1 +1,10 @@
-"""The training loop and the distributed strategies (DDP, DeepSpeed ZeRO). Knows nothing of Ray."""
+"""The training loop and the distributed strategies (DDP, DeepSpeed ZeRO). Knows nothing of Ray.
+
+``train(cfg, session)`` runs a whole run on one worker (docs/contracts.md); ``fit`` is the loop
+itself on already-built pieces; ``Session`` / ``LocalSession`` are the runner interface.
+"""
+
+from bigmodel.engine.loop import NonFiniteLossError, evaluate, fit, train
+from bigmodel.engine.session import LocalSession, Session
+
+__all__ = ["LocalSession", "NonFiniteLossError", "Session", "evaluate", "fit", "train"]

@@ -1,0 +1,334 @@
+"""The training loop: one function that reads top to bottom (STYLE.md rule 5).
+
+:func:`train` builds the pieces from the config (manifest, model, loaders, metrics) and calls
+:func:`fit`, which runs the loop on this worker: micro-batches are accumulated, the window is
+stepped (clip, optimizer, schedule), figures are logged, checkpoints written and the model
+evaluated, in that order. Distribution is applied once, in ``_strategy.distribute``; the loop
+talks to its runner only through :class:`~bigmodel.engine.session.Session`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigmodel.config import Config
+from bigmodel.data import load_manifest, make_eval_loader, make_train_loader, resolve_config
+from bigmodel.engine._logging import RunLogger, StepTimer
+from bigmodel.engine._strategy import (
+    Distributed,
+    distribute,
+    init_distributed,
+    resolve_device,
+)
+from bigmodel.engine.checkpoint import (
+    TrainState,
+    checkpoint_dir,
+    full_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from bigmodel.engine.session import Session
+from bigmodel.metrics import build_metrics
+from bigmodel.models import build_model
+from bigmodel.registry import save_model
+
+__all__ = ["NonFiniteLossError", "evaluate", "fit", "train"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """More non-finite losses than ``train.max_nonfinite``: the run is stopped."""
+
+
+def train(cfg: Config, session: Session) -> dict[str, float]:
+    """Run a whole training run on this worker from the config (call it on every rank).
+
+    Reads the shards' manifest, fills the model's channels and class counts from it, builds the
+    model, loaders and metrics, and runs :func:`fit`. Returns the final figures.
+    """
+    manifest = load_manifest(cfg.data.shards)
+    cfg = resolve_config(cfg, manifest)
+    rank, world_size = session.rank, session.world_size
+    train_loader = make_train_loader(cfg, manifest, rank, world_size)
+    steps_per_epoch = len(train_loader) // cfg.optim.accumulation_steps
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"steps_per_epoch": steps_per_epoch})}
+    )
+    eval_loader = None
+    if cfg.train.eval_every and cfg.data.val_split in manifest.splits:
+        eval_loader = make_eval_loader(cfg, manifest, rank, world_size)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model)
+    metrics = build_metrics(cfg.model) if eval_loader is not None else None
+    return fit(
+        cfg,
+        session,
+        model,
+        train_loader,
+        eval_loader,
+        metrics,
+        manifest_path=Path(cfg.data.shards) / "dataset.json",
+    )
+
+
+def fit(
+    cfg: Config,
+    session: Session,
+    model: nn.Module,
+    train_loader: Any,
+    eval_loader: Iterable[dict[str, Any]] | None = None,
+    metrics: Any = None,
+    manifest_path: Path | None = None,
+) -> dict[str, float]:
+    """Train ``model`` on this worker and return the final figures.
+
+    Args:
+        cfg: the resolved run config.
+        session: rank, world size, reporting and checkpoints.
+        model: a plain single-device model following the model contract (``forward(images,
+            batch) -> {"loss", "losses", "outputs"}``).
+        train_loader: yields ``len(train_loader)`` batches per ``iter()``, the same count on
+            every rank; ``set_epoch(epoch)`` chooses the epoch's data (resumable position).
+        eval_loader: batches of this rank's share of the validation split (each sample once
+            across ranks); None disables evaluation.
+        metrics: a ``MetricSet`` (``update``/``compute``/``reset``) used with ``eval_loader``.
+        manifest_path: the shards' ``dataset.json``, hashed into the model card.
+    """
+    if eval_loader is not None and metrics is None:
+        raise ValueError("fit: an eval_loader needs metrics (bigmodel.metrics.build_metrics)")
+    rank, world_size = session.rank, session.world_size
+    device = resolve_device(cfg, session.local_rank)
+    init_distributed(cfg, rank, session.local_rank, world_size, device)
+    accumulation = cfg.optim.accumulation_steps
+    steps_per_epoch = len(train_loader) // accumulation
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"the train loader yields {len(train_loader)} batches per epoch, fewer than "
+            f"optim.accumulation_steps={accumulation}: lower it or raise train.steps_per_epoch"
+        )
+    _check_equal_steps(len(train_loader), device)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    run_dir = Path(cfg.train.output_dir) / cfg.name
+    if rank == 0:
+        cfg.save(run_dir / "config.yaml")  # the resolved config, beside the checkpoints
+
+    dm = distribute(model, cfg, world_size, device, total_steps)
+    if metrics is not None:
+        metrics = metrics.to(device)
+    state, rng = TrainState(), None
+    resume_from = session.latest_checkpoint()
+    if resume_from is not None:
+        state, rng = load_checkpoint(dm, resume_from, rank, world_size, cfg.seed)
+        log.info("rank %d resumed from %s at step %d", rank, resume_from, state.step)
+    logger = RunLogger(run_dir, rank, world_size, device)
+    figures: dict[str, float] = {}
+
+    for epoch in range(state.epoch, cfg.train.epochs):
+        train_loader.set_epoch(epoch)
+        batches = iter(train_loader)
+        start = state.step_in_epoch if epoch == state.epoch else 0
+        if start:
+            # Data position: replay the epoch's seeded stream up to where the checkpoint was.
+            for _ in itertools.islice(batches, start * accumulation):
+                pass
+        if rng is not None:
+            set_rng_state(rng)  # after the replay, so the next batch sees the saved RNG
+            rng = None
+        dm.model.train()
+        logger.timer = StepTimer()  # the replay above is not training time
+        for step_in_epoch in range(start + 1, steps_per_epoch + 1):
+            # --- forward + backward over the accumulation window
+            window_ok = True
+            for micro in range(accumulation):
+                logger.timer.data_started()
+                batch = next(batches)
+                logger.timer.data_done(len(batch["image"]))
+                batch = _to_device(batch, device)
+                with dm.micro_batch(is_last=micro == accumulation - 1), dm.autocast():
+                    out = dm.model(dm.inputs(batch["image"]), batch)
+                    loss = out["loss"]
+                    # one scalar all-reduce per micro-batch: all ranks must agree to skip
+                    if _all_finite(loss, device):
+                        dm.backward(loss)
+                        logger.add_losses(out["losses"], loss)
+                    else:
+                        window_ok = False
+                        state.nonfinite += 1
+                        dm.skip_backward()
+            if state.nonfinite > cfg.train.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{state.nonfinite} non-finite losses (train.max_nonfinite="
+                    f"{cfg.train.max_nonfinite}) by step {state.step}: lower optim.lr, enable "
+                    f"optim.grad_clip, use train.precision=fp32/bf16, or check the data"
+                )
+            # --- optimizer step (DeepSpeed: reduce-scatter, clip, step), then the schedule
+            grad_norm = dm.optimizer_step(apply=window_ok)
+            state.step += 1
+            state.step_in_epoch = step_in_epoch
+            dm.scheduler.step_update(state.step)  # the LR of the next update
+            epoch_done = step_in_epoch == steps_per_epoch
+            run_done = epoch_done and epoch == cfg.train.epochs - 1
+
+            # --- log (one all-reduce per log step)
+            report: dict[str, float] = {}
+            if state.step % cfg.train.log_every == 0 or run_done:
+                figures = logger.step_figures(dm.lr(), grad_norm)
+                figures["nonfinite_skipped"] = float(state.nonfinite)
+                logger.write(state.step, epoch, figures)
+                report.update(figures)
+
+            # --- evaluate at the end of every eval_every-th epoch (and of the run)
+            if (
+                epoch_done
+                and eval_loader is not None
+                and cfg.train.eval_every
+                and ((epoch + 1) % cfg.train.eval_every == 0 or run_done)
+            ):
+                results = evaluate(dm, eval_loader, metrics, cfg)
+                logger.write(state.step, epoch, results, prefix="val/")
+                report.update({f"val/{k}": v for k, v in results.items()})
+                dm.model.train()
+
+            # --- checkpoint: every checkpoint_every steps, or per epoch; always at the end
+            saved = None
+            every = cfg.train.checkpoint_every
+            if (every and state.step % every == 0) or (epoch_done and not every) or run_done:
+                if epoch_done:  # the position is "start of the next epoch"
+                    state.epoch, state.step_in_epoch = epoch + 1, 0
+                saved = save_checkpoint(
+                    dm, checkpoint_dir(run_dir, state.step), state, rank, world_size
+                )
+            if report or saved is not None:
+                report.update(step=float(state.step), epoch=float(epoch))
+                session.report(report, str(saved) if saved is not None else None)
+            figures.update(report)
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+
+    weights = full_state_dict(dm)  # collective under ZeRO-3
+    if rank == 0:
+        save_model(weights, cfg, run_dir / "model", figures, manifest_path)
+    logger.close()
+    return figures
+
+
+@torch.no_grad()
+def evaluate(
+    dm: Distributed, loader: Iterable[dict[str, Any]], metrics: Any, cfg: Config
+) -> dict[str, float]:
+    """Metrics over the validation split, each sample exactly once across ranks.
+
+    Forwards the plain (unwrapped) model, so no collective runs per batch and ranks with fewer
+    batches cannot hang, except under ZeRO-3, where every forward gathers parameters from all
+    ranks: there, ranks that run out of batches repeat their last one (without counting it)
+    until the longest rank is done. The sample keys are gathered once at the end to check that
+    no sample was seen twice and, when the loader knows its count, that none was missed.
+    """
+    module = dm.module
+    module.eval()
+    metrics.reset()
+    device = dm.device
+    zero3 = dm.zero_stage == 3
+    local_batches = len(loader) if hasattr(loader, "__len__") else None
+    rounds = local_batches
+    if zero3:
+        rounds = _all_reduce_int(local_batches, device, dist.ReduceOp.MAX)
+    keys: list[str] = []
+    last_images = None
+    iterator = iter(loader)
+    for index in itertools.count():
+        if rounds is not None and index >= rounds:
+            break
+        batch = next(iterator, None)
+        if batch is None:
+            if rounds is None or not zero3:
+                break
+            if last_images is None:
+                size = cfg.data.image_size
+                last_images = torch.zeros(1, cfg.model.backbone.in_chans or 3, size, size)
+            with dm.autocast():
+                module(dm.inputs(last_images.to(device)))  # joins other ranks' gathers
+            continue
+        batch = _to_device(batch, device)
+        with dm.autocast():
+            out = module(dm.inputs(batch["image"]))
+        metrics.update(out["outputs"], batch)
+        keys.extend(batch["key"])
+        last_images = batch["image"][:1]
+    results = metrics.compute()  # collective: torchmetrics syncs states across ranks
+    results["num_samples"] = float(_check_exactly_once(keys, getattr(loader, "num_samples", None)))
+    return results
+
+
+def _check_exactly_once(keys: list[str], expected_local: int | None) -> int:
+    """Raise if a sample was evaluated twice across ranks or one was missed; returns the count."""
+    gathered = [keys]
+    expected = expected_local
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, keys)  # once per evaluation, not per batch
+        counts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, expected_local)
+        expected = None if any(c is None for c in counts) else sum(counts)
+    everything = [k for part in gathered for k in part]
+    duplicates = len(everything) - len(set(everything))
+    if duplicates:
+        raise RuntimeError(
+            f"evaluation saw {duplicates} sample(s) more than once across ranks: the eval "
+            f"loader must split shards by rank and worker without resampling"
+        )
+    if expected is not None and len(everything) != expected:
+        raise RuntimeError(
+            f"evaluation saw {len(everything)} samples but the manifest lists {expected}: a "
+            f"shard was unreadable or not assigned to any rank"
+        )
+    return len(everything)
+
+
+def _check_equal_steps(batches: int, device: torch.device) -> None:
+    """Fail fast if ranks would take different numbers of steps (DDP would hang)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    low = _all_reduce_int(batches, device, dist.ReduceOp.MIN)
+    high = _all_reduce_int(batches, device, dist.ReduceOp.MAX)
+    if low != high:
+        raise RuntimeError(
+            f"train loaders yield between {low} and {high} batches per epoch on different "
+            f"ranks: every rank must take the same number of steps (use a fixed epoch length)"
+        )
+
+
+def _all_reduce_int(value: int, device: torch.device, op: dist.ReduceOp) -> int:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return int(tensor.item())
+
+
+def _all_finite(loss: torch.Tensor, device: torch.device) -> bool:
+    """True when the loss is finite on every rank (a device sync, and a collective when dist)."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``; other values are kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_to_device(v, device) for v in batch]
+    return batch

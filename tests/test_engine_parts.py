@@ -1,0 +1,186 @@
+"""Fast single-process tests of the engine's parts: optimizer, schedule, DeepSpeed config,
+SyncBN conversion, logs and the saved-model folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from _engine_tiny import run_fit, tiny_config
+from safetensors.torch import load_file
+from timm.layers import BatchNormAct2d
+
+from bigmodel.engine._optim import build_optimizer, build_scheduler
+from bigmodel.engine._strategy import deepspeed_config
+from bigmodel.engine._syncbn import GlooSyncBatchNorm, GlooSyncBatchNormAct, convert_sync_batchnorm
+
+
+def _cfg(tmp: Path, **sections):
+    return tiny_config(tmp, "parts", **sections)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lamb", "lars"])
+def test_optimizer_excludes_norms_and_biases_from_weight_decay(tmp_path: Path, name: str):
+    cfg = _cfg(tmp_path, optim={"name": name, "weight_decay": 0.05, "lr": 0.1})
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    optimizer = build_optimizer(model, cfg)
+    expected = {"sgd": "SGD", "adamw": "AdamW", "lamb": "Lamb", "lars": "Lars"}[name]
+    assert type(optimizer).__name__ == expected
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for pname, param in model.named_parameters():
+        want = 0.0 if param.ndim <= 1 else 0.05  # norms and biases are 1-D
+        assert decay_of[id(param)] == want, pname
+    if name == "lars":  # no trust-ratio adaptation where there is no weight decay
+        assert all(not g["always_adapt"] for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("rule,expected", [("linear", 0.1 * 4), ("sqrt", 0.1 * 2), ("none", 0.1)])
+def test_lr_scaled_from_reference_batch(tmp_path: Path, rule: str, expected: float):
+    cfg = _cfg(
+        tmp_path,
+        data={"batch_size": 32},
+        optim={"lr": 0.1, "reference_batch_size": 64, "lr_scaling": rule, "accumulation_steps": 2},
+        cluster={"num_workers": 4},
+    )
+    assert cfg.global_batch_size == 32 * 4 * 2
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_warmup_then_cosine(tmp_path: Path):
+    cfg = _cfg(
+        tmp_path,
+        optim={"lr": 1.0, "lr_scaling": "none"},
+        schedule={"name": "cosine", "warmup_steps": 4, "warmup_lr": 0.0, "min_lr": 0.0},
+    )
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=20)
+    lrs = []
+    for step in range(21):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(0.5)  # linear warmup
+    assert lrs[4] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 20)))  # cosine after it
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert lrs[20] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_step_schedule(tmp_path: Path):
+    cfg = _cfg(
+        tmp_path,
+        optim={"lr": 1.0, "lr_scaling": "none"},
+        schedule={"name": "step", "decay_steps": 5, "decay_rate": 0.1},
+    )
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=20)
+    scheduler.step_update(4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+    scheduler.step_update(12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_deepspeed_config_from_schema_with_overrides(tmp_path: Path):
+    cfg = _cfg(
+        tmp_path,
+        data={"batch_size": 8},
+        optim={"accumulation_steps": 2, "grad_clip": 0.5},
+        train={"precision": "bf16"},
+        distributed={
+            "strategy": "deepspeed",
+            "zero_stage": 3,
+            "offload_optimizer": True,
+            "offload_params": True,
+            "deepspeed_overrides": {"zero_optimization": {"reduce_bucket_size": 1000}},
+        },
+    )
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 8 * 2 * 4
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 1000  # merged, not replaced
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+
+
+def test_syncbn_conversion_keeps_parameters_and_timm_activations():
+    model = timm.create_model("test_efficientnet", pretrained=False)  # BatchNormAct2d layers
+    params = {id(p) for p in model.parameters()}
+    assert any(isinstance(m, BatchNormAct2d) for m in model.modules())
+    converted = convert_sync_batchnorm(model, torch.device("cpu"))
+    norms = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, GlooSyncBatchNorm) for m in norms)
+    assert any(isinstance(m, GlooSyncBatchNormAct) and hasattr(m, "act") for m in norms)
+    assert {id(p) for p in converted.parameters()} == params  # the optimizer sees the same ones
+    # without a process group it is plain BatchNorm: same output as before conversion
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(converted.eval()(x), model.eval()(x))
+
+
+def test_run_folder_logs_and_saved_model(tmp_path: Path):
+    cfg = _cfg(
+        tmp_path, train={"epochs": 2, "log_every": 1, "eval_every": 1, "output_dir": str(tmp_path)}
+    )
+    figures, session = run_fit(cfg, 0, 1, batches=2, eval_total=7)
+    run = tmp_path / "parts"
+    for name in ("config.yaml", "metrics.csv", "curves.png", "tb", "model/model.safetensors"):
+        assert (run / name).exists(), name
+    with (run / "metrics.csv").open() as f:
+        names = {row["name"] for row in csv.DictReader(f)}
+    for figure in (
+        "loss/diag",
+        "lr",
+        "samples_per_s",
+        "samples_per_s_total",
+        "data_wait_fraction",
+        "memory_mb",
+        "val/diag/accuracy",
+    ):
+        assert figure in names, figure
+    assert figures["val/num_samples"] == 7.0  # every evaluation sample exactly once
+    card = json.loads((run / "model" / "model_card.json").read_text())
+    assert card["metrics"]["step"] == 4.0 and "val/diag/accuracy" in card["metrics"]
+    assert load_file(str(run / "model" / "model.safetensors"))["head.weight"].shape == (4, 8)
+    assert [Path(c).name for c in session.checkpoints] == ["step_0000002", "step_0000004"]
+    assert session.history[-1]["step"] == 4.0
+
+
+@pytest.mark.parametrize(
+    "precision,distributed",
+    [
+        ("fp16", {"strategy": "ddp"}),  # autocast + GradScaler
+        ("bf16", {"strategy": "deepspeed", "zero_stage": 2}),  # DeepSpeed casts the model
+    ],
+)
+def test_mixed_precision_runs(tmp_path: Path, precision: str, distributed: dict):
+    cfg = _cfg(tmp_path, train={"precision": precision, "epochs": 1}, distributed=distributed)
+    figures, _ = run_fit(cfg, 0, 1, batches=2)
+    assert math.isfinite(figures["loss/total"]) and figures["nonfinite_skipped"] == 0.0
+    weights = load_file(str(tmp_path / "parts" / "model" / "model.safetensors"))
+    expected = torch.bfloat16 if distributed["strategy"] == "deepspeed" else torch.float32
+    assert weights["features.0.weight"].dtype == expected
+
+
+def test_gradient_accumulation_same_under_ddp_and_deepspeed(tmp_path: Path):
+    """Our accumulation (loss / k, step every k) and DeepSpeed's (its own micro-step count)."""
+    weights = {}
+    for name, distributed in {
+        "acc-ddp": {"strategy": "ddp"},
+        "acc-zero2": {"strategy": "deepspeed", "zero_stage": 2},
+    }.items():
+        cfg = tiny_config(
+            tmp_path,
+            name,
+            optim={"name": "adamw", "lr": 0.01, "accumulation_steps": 2, "grad_clip": 0.5},
+            train={"epochs": 1, "output_dir": str(tmp_path)},
+            distributed=distributed,
+        )
+        figures, session = run_fit(cfg, 0, 1, batches=4)
+        assert figures["step"] == 2.0  # 4 micro-batches, 2 optimizer steps
+        weights[name] = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+    for key, value in weights["acc-ddp"].items():
+        torch.testing.assert_close(weights["acc-zero2"][key], value, rtol=1e-5, atol=1e-6)
