@@ -1,0 +1,131 @@
+"""Source data for ``make demo``: one real MR volume from nibabel plus generated MR-like volumes.
+
+Written as the kind of folder a user brings (NIfTI files and a ``labels.csv``), so the demo
+goes through the real ``bigmodel-shard build --source nifti`` path.
+
+- ``anatomical.nii`` from ``nibabel.testing.data_path`` (a real 33 x 41 x 25 MR volume): its
+  mask marks bright tissue (Otsu threshold); its diagnosis is left empty (unknown), which
+  the data side turns into "no label" for the classification head.
+- ``case_XX.nii.gz``: 48 x 48 x 12 int16 volumes in the same intensity range as the real one
+  (so one normalisation fits both), with a body ellipse and, in half of the patients, a bright
+  lesion running through every slice (so every slice's label is right); masks background /
+  tissue / lesion, diagnosis ``lesion`` or ``normal``.
+
+The CSV's ``split`` column puts the last two pairs of patients (one normal, one lesion each) in
+``val`` and ``test``, so both held-out splits see both classes however few patients there are.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.testing import data_path
+
+MASK_CLASSES = ("background", "tissue", "lesion")
+REAL_VOLUME = "anatomical.nii"
+
+
+def _write_nifti(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
+    affine = np.diag([*spacing, 1.0])
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    tmp = path.with_name(f".{path.name}.tmp{suffix}")  # nibabel picks the format from the suffix
+    nib.save(nib.Nifti1Image(array, affine), str(tmp))
+    tmp.replace(path)
+
+
+def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold (maximal between-class variance); numpy only, for one demo mask."""
+    hist, edges = np.histogram(values, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(hist)
+    weight_high = weight_low[-1] - weight_low
+    mean_low = np.cumsum(hist * centers) / np.maximum(weight_low, 1)
+    mean_high = ((hist * centers).sum() - np.cumsum(hist * centers)) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(centers[int(np.argmax(between))])
+
+
+def _generated_case(rng: np.random.Generator, with_lesion: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One MR-like volume ``[X, Y, Z]`` (int16) and its label map."""
+    shape = (48, 48, 12)
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    cx, cy = rng.uniform(20, 28, size=2)
+    ax, ay = rng.uniform(12, 18, size=2)
+    body = ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0
+    label = np.zeros(shape, dtype=np.uint8)
+    label[body] = 1
+    image = rng.normal(300, 150, size=shape)  # background
+    image[body, :] = rng.normal(8000, 900, size=(int(body.sum()), shape[2]))  # tissue
+    if with_lesion:
+        lx = cx + rng.uniform(-ax / 3, ax / 3)
+        ly = cy + rng.uniform(-ay / 3, ay / 3)
+        radius = rng.uniform(4, 7)
+        lesion = ((x - lx) ** 2 + (y - ly) ** 2 <= radius**2) & body
+        label[lesion] = 2
+        image[lesion, :] = rng.normal(12500, 900, size=(int(lesion.sum()), shape[2]))  # bright
+    return image.astype(np.int16), label
+
+
+def write_demo_source(out_dir: str | Path, patients: int = 12, seed: int = 0) -> Path:
+    """Write NIfTI volumes, masks and ``labels.csv`` under ``out_dir``; returns the CSV path.
+
+    ``patients`` must be at least 6 (four are held out for val/test).
+    """
+    if patients < 6:
+        raise ValueError(f"patients={patients}: the demo needs at least 6 (4 are held out)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    real = nib.load(os.path.join(data_path, REAL_VOLUME))
+    real_image = np.asarray(real.dataobj)
+    shutil.copyfile(os.path.join(data_path, REAL_VOLUME), out / REAL_VOLUME)
+    # "tissue": voxels above Otsu's threshold (bright matter); no lesion annotation.
+    tissue = (real_image > _otsu_threshold(real_image)).astype(np.uint8)
+    _write_nifti(tissue, real.header.get_zooms()[:3], out / "anatomical_mask.nii.gz")
+    rows.append(
+        {
+            "image": REAL_VOLUME,
+            "mask": "anatomical_mask.nii.gz",
+            "patient_id": "nibabel-anatomical",
+            "label": "",
+            "split": "train",
+        }
+    )
+
+    held_out = {
+        patients - 4: "val",
+        patients - 3: "val",
+        patients - 2: "test",
+        patients - 1: "test",
+    }
+    for i in range(patients):
+        with_lesion = i % 2 == 1
+        image, label = _generated_case(rng, with_lesion)
+        name = f"case_{i:02d}"
+        _write_nifti(image, (0.8, 0.8, 2.5), out / f"{name}.nii.gz")
+        _write_nifti(label, (0.8, 0.8, 2.5), out / f"{name}_mask.nii.gz")
+        rows.append(
+            {
+                "image": f"{name}.nii.gz",
+                "mask": f"{name}_mask.nii.gz",
+                "patient_id": f"patient-{i:02d}",
+                "label": "lesion" if with_lesion else "normal",
+                "split": held_out.get(i, "train"),
+            }
+        )
+
+    csv_path = out / "labels.csv"
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "mask", "patient_id", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(csv_path)
+    return csv_path

@@ -1,0 +1,65 @@
+"""One short progress line per report, printed by the Ray Train controller.
+
+Ray Train's own INFO log repeats every rank's full metric dict; this callback (run on the
+controller, whose output Ray forwards to the driver and to ``ray job logs``) prints rank 0's
+headline figures and names checkpoints and worker failures, so a terminal shows what happens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.train import Checkpoint, UserCallback
+
+# Figures shown per line, in this order, when a report has them.
+HEADLINE = ("loss/total", "lr", "samples_per_s_total", "data_wait_fraction")
+
+
+def format_report(metrics: dict[str, Any], checkpoint_name: str | None) -> str:
+    """``step 14 epoch 1 | loss/total 1.947 | lr 0.0005 | ... | checkpoint step_0000014``."""
+    parts = []
+    if "step" in metrics:
+        parts.append(f"step {int(metrics['step'])} epoch {int(metrics.get('epoch', 0))}")
+    for key in HEADLINE:
+        if isinstance(metrics.get(key), int | float):
+            parts.append(f"{key} {metrics[key]:.4g}")
+    val = {
+        k: v
+        for k, v in metrics.items()
+        if k.startswith("val/") and isinstance(v, int | float) and not k.endswith("/count")
+    }
+    headline_val = [k for k in val if k.endswith(("accuracy", "dice_mean", "map_50", "recall@1"))]
+    parts.extend(f"{k} {val[k]:.4g}" for k in headline_val)
+    if checkpoint_name:
+        parts.append(f"checkpoint {checkpoint_name}")
+    return "bigmodel: " + " | ".join(parts)
+
+
+class ProgressPrinter(UserCallback):
+    """Print a line per report and a line per worker failure."""
+
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+        self.failures = 0
+
+    def after_report(
+        self,
+        run_context: Any,
+        metrics: list[dict[str, Any]],
+        checkpoint: Checkpoint | None,
+    ) -> None:
+        name = Path(checkpoint.path).name if checkpoint is not None else None
+        print(format_report(metrics[0] if metrics else {}, name), flush=True)
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        budget = "unlimited" if self.max_failures < 0 else str(self.max_failures)
+        for rank, error in sorted(worker_exceptions.items()):
+            first_line = str(error).strip().splitlines()[-1:] or [type(error).__name__]
+            print(
+                f"bigmodel: worker rank {rank} failed ({first_line[0][:200]}); failure "
+                f"{self.failures} of {budget} allowed by cluster.max_failures, restarting from "
+                "the last checkpoint if any are left",
+                flush=True,
+            )
