@@ -11,8 +11,9 @@ goes through the real ``bigmodel-shard build --source nifti`` path.
   lesion running through every slice (so every slice's label is right); masks background /
   tissue / lesion, diagnosis ``lesion`` or ``normal``.
 
-The CSV's ``split`` column puts the last two pairs of patients (one normal, one lesion each) in
-``val`` and ``test``, so both held-out splits see both classes however few patients there are.
+The CSV's ``split`` column puts the last pairs of patients (one normal, one lesion each) in
+``val`` and ``test`` (one pair each below 12 patients, two pairs each from 12 on), so both
+held-out splits see both classes however few patients there are.
 """
 
 from __future__ import annotations
@@ -71,10 +72,10 @@ def _generated_case(rng: np.random.Generator, with_lesion: bool) -> tuple[np.nda
     return image.astype(np.int16), label
 
 
-def write_demo_source(out_dir: str | Path, patients: int = 12, seed: int = 0) -> Path:
+def write_demo_source(out_dir: str | Path, patients: int = 24, seed: int = 0) -> Path:
     """Write NIfTI volumes, masks and ``labels.csv`` under ``out_dir``; returns the CSV path.
 
-    ``patients`` must be at least 6 (four are held out for val/test).
+    ``patients`` must be at least 6 (one normal/lesion pair each for val and test, and train).
     """
     if patients < 6:
         raise ValueError(f"patients={patients}: the demo needs at least 6 (4 are held out)")
@@ -99,12 +100,9 @@ def write_demo_source(out_dir: str | Path, patients: int = 12, seed: int = 0) ->
         }
     )
 
-    held_out = {
-        patients - 4: "val",
-        patients - 3: "val",
-        patients - 2: "test",
-        patients - 1: "test",
-    }
+    per_split = 2 if patients >= 12 else 1  # normal/lesion pairs held out per split
+    held_out = {patients - 1 - k: "test" for k in range(2 * per_split)}
+    held_out.update({patients - 1 - 2 * per_split - k: "val" for k in range(2 * per_split)})
     for i in range(patients):
         with_lesion = i % 2 == 1
         image, label = _generated_case(rng, with_lesion)

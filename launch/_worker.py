@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,11 @@ def _quiet_worker_logs() -> None:
     """Keep each worker's console to our own progress lines.
 
     Ray Train V2 logs every report (with all its metrics) at INFO from a logger named after its
-    source file, which ``LoggingConfig`` does not reach; DeepSpeed's ZeRO calls a torch
-    collective that warns of its deprecation on every step.
+    source file, which ``LoggingConfig`` does not reach.
     """
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

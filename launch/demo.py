@@ -53,7 +53,7 @@ def _run(cmd: list[str]) -> None:
 
 def build_demo_shards(out: Path, world_size: int, loader_workers: int) -> Path:
     """Steps 1-2: write the source data, shard it, verify and inspect the shards."""
-    _banner(1, "source data: nibabel's anatomical.nii (real MR) + 12 generated MR-like patients")
+    _banner(1, "source data: nibabel's anatomical.nii (real MR) + 24 generated MR-like patients")
     csv_path = write_demo_source(out / "source")
     print(f"wrote {csv_path} and {len(list((out / 'source').glob('*.nii*')))} NIfTI files")
 

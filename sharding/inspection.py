@@ -68,11 +68,15 @@ def summary_table(manifest: dict[str, Any]) -> str:
 
 
 def pick_samples(root: Path, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """About ``n`` samples spread evenly over the first shard of every non-empty split."""
-    firsts = [info["shards"][0] for info in manifest["splits"].values() if info["shards"]]
+    """About ``n`` samples spread over the shards of every split (patients differ by shard)."""
+    shards = [s for info in manifest["splits"].values() for s in info["shards"]]
+    if not shards or n <= 0:
+        return []
+    count = min(n, len(shards))
+    chosen = [shards[i * len(shards) // count] for i in range(count)]  # evenly spaced
     picked: list[dict[str, Any]] = []
-    for i, shard in enumerate(firsts):
-        want = -(-(n - len(picked)) // (len(firsts) - i))
+    for i, shard in enumerate(chosen):
+        want = -(-(n - len(picked)) // (count - i))  # what is left, shared by the shards left
         step = max(1, shard["num_samples"] // max(want, 1))
         for j, (key, members) in enumerate(_samples(root / shard["name"])):
             if j % step == 0 and want > 0:

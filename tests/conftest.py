@@ -116,6 +116,17 @@ def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: Path)
     raise RuntimeError(f"Ray dashboard at {url} did not come up:\n{log.read_text()[-3000:]}")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and the CI machine is shared."""
+    import torch  # only the model tests need it; the Ray fixtures do not
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository (the ``--working-dir`` of submitted jobs)."""

@@ -13,14 +13,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from bigmodel.config import BackboneConfig, ConfigError
 from bigmodel.models import create_backbone, resolve_pretrained_file
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and the CI machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw) -> BackboneConfig:

@@ -12,14 +12,7 @@ import torch.nn.functional as F
 from bigmodel.config import ConfigError, ModelConfig
 from bigmodel.models import RetrievalIndex, build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and the CI machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 B, SIZE = 4, 64

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import resource
 import time
 from collections import defaultdict
@@ -126,6 +127,18 @@ class RunLogger:
         plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
 
 
+def _is_headline_figure(name: str) -> bool:
+    """A validation figure worth a curve: a score in [0, 1], not a count or a per-class entry.
+
+    ``val/seg/count`` would squash every score to a flat line at 0, and per-class figures
+    (``dice_2``, ``auroc_0``) turn the legend into a wall; ``metrics.csv`` keeps them all.
+    """
+    if not name.startswith("val/"):
+        return False
+    figure = name.rsplit("/", 1)[-1]
+    return figure not in ("count", "num_samples") and not re.search(r"_\d+$", figure)
+
+
 def plot_curves(csv_path: Path, png_path: Path) -> None:
     """Learning curves from ``metrics.csv``: training losses, LR, and evaluation figures."""
     import matplotlib
@@ -142,7 +155,7 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     panels = [
         ("training loss", [n for n in series if n.startswith("loss/")]),
         ("learning rate", [n for n in series if n == "lr"]),
-        ("evaluation", [n for n in series if n.startswith("val/")]),
+        ("evaluation", [n for n in series if _is_headline_figure(n)]),
     ]
     panels = [(title, names) for title, names in panels if names]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -320,6 +321,13 @@ def distribute(
     if cfg.distributed.strategy == "deepspeed":
         import deepspeed  # only here: importing deepspeed is slow and probes accelerators
 
+        # ZeRO calls torch's all_gather_into_tensor / reduce_scatter_tensor, which torch 2.14
+        # marks deprecated with a FutureWarning on every call: one line per step per rank.
+        warnings.filterwarnings(
+            "ignore",
+            message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+            category=FutureWarning,
+        )
         deepspeed.init_distributed(
             dist_backend=_backend(cfg, device),
             auto_mpi_discovery=False,

@@ -20,7 +20,7 @@ from torchmetrics.classification import (
 )
 
 from bigmodel.config import ClassificationHeadConfig
-from bigmodel.metrics._common import NAN, labelled_mask
+from bigmodel.metrics._common import NAN, labelled_mask, require_num_classes
 
 UNKNOWN = -1  # batch contract: a class label of -1 is unknown
 
@@ -30,11 +30,7 @@ class ClassificationMetrics(nn.Module):
 
     def __init__(self, name: str, cfg: ClassificationHeadConfig) -> None:
         super().__init__()
-        if cfg.num_classes is None:
-            raise ValueError(
-                f"model.heads.{name}.num_classes is unset: fill it from the dataset manifest "
-                "(bigmodel.data.resolve_config) or set it in the config"
-            )
+        require_num_classes(name, cfg.num_classes)
         self.name = name
         self.target = cfg.target
         self.num_classes = cfg.num_classes

@@ -36,3 +36,13 @@ def labelled_mask(batch: Mapping[str, Any], target: str, batch_size: int) -> tor
 def to_float(value: torch.Tensor | float) -> float:
     """A Python float from a 0-d tensor or a number."""
     return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def require_num_classes(name: str, num_classes: int | None) -> int:
+    """``num_classes`` of head ``name``, or an error saying how to fill it."""
+    if num_classes is None:
+        raise ValueError(
+            f"model.heads.{name}.num_classes is unset: fill it from the dataset manifest "
+            "(bigmodel.data.resolve_config) or set it in the config"
+        )
+    return num_classes

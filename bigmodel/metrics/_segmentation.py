@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from bigmodel.config import SegmentationHeadConfig
-from bigmodel.metrics._common import NAN, labelled_mask
+from bigmodel.metrics._common import NAN, labelled_mask, require_num_classes
 
 
 class SegmentationMetrics(nn.Module):
@@ -31,11 +31,7 @@ class SegmentationMetrics(nn.Module):
 
     def __init__(self, name: str, cfg: SegmentationHeadConfig) -> None:
         super().__init__()
-        if cfg.num_classes is None:
-            raise ValueError(
-                f"model.heads.{name}.num_classes is unset: fill it from the dataset manifest "
-                "(bigmodel.data.resolve_config) or set it in the config"
-            )
+        require_num_classes(name, cfg.num_classes)
         self.name = name
         self.target = cfg.target
         self.num_classes = cfg.num_classes
