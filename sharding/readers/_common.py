@@ -271,3 +271,15 @@ def check_unique_ids(items: list[SourceItem]) -> None:
                 "rename one of the files (ids come from paths with punctuation replaced by '-')",
             )
         seen[it.source_id] = path
+
+
+def read_nifti_mask(path: Path) -> np.ndarray:
+    """Read a NIfTI label map as ``[D, H, W]`` (the same axis order as :func:`read_nifti`)."""
+    mask, _, _ = read_nifti(path)
+    if mask.shape[0] != 1:
+        raise SourceError(
+            str(path),
+            f"a label map must be 3D, got {mask.shape[0]} volumes",
+            "save the labels as one 3D integer volume",
+        )
+    return mask[0]

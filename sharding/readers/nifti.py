@@ -16,6 +16,7 @@ from sharding.readers._common import (
     parse_list,
     read_csv_rows,
     read_nifti,
+    read_nifti_mask,
     resolve,
     safe_id,
     split_name,
@@ -102,12 +103,7 @@ class NiftiCsvReader:
     def load(self, item: SourceItem) -> Volume:
         """Read the volume (and its mask) keeping the stored dtype."""
         image, spacing, meta = read_nifti(Path(item.paths["image"]))
-        mask = None
-        if "mask" in item.paths:
-            mask_arr, _, _ = read_nifti(Path(item.paths["mask"]))
-            if mask_arr.shape[0] != 1:
-                raise SourceError(item.paths["mask"], "a mask must be a 3D label map", "")
-            mask = mask_arr[0]
+        mask = read_nifti_mask(Path(item.paths["mask"])) if "mask" in item.paths else None
         if "modality" in self.options:
             meta["modality"] = self.options["modality"]
         return Volume(image=image, mask=mask, spacing=spacing, meta=meta)

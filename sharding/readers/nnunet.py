@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sharding.readers._common import check_options, parse_bool, read_nifti
+from sharding.readers._common import check_options, parse_bool, read_nifti, read_nifti_mask
 from sharding.records import SourceError, SourceItem, TaskSchema, Volume
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -132,12 +132,7 @@ class NnUNetReader:
             if len(arrays) == 1:  # geometry and orientation come from channel 0
                 spacing, meta = sp, m
         image = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-        mask = None
-        if "mask" in item.paths:
-            mask_arr, _, _ = read_nifti(Path(item.paths["mask"]))
-            if mask_arr.shape[0] != 1:
-                raise SourceError(item.paths["mask"], "a label must be a 3D label map", "")
-            mask = mask_arr[0]
+        mask = read_nifti_mask(Path(item.paths["mask"])) if "mask" in item.paths else None
         names = item.extra.get("channel_names", [])
         if len(names) == image.shape[0]:
             meta["channel_names"] = names
