@@ -37,9 +37,9 @@ from bigmodel.engine.checkpoint import (
     set_rng_state,
 )
 from bigmodel.engine.session import Session
+from bigmodel.inference.model_folder import save_model
 from bigmodel.metrics import build_metrics
 from bigmodel.models import build_model
-from bigmodel.registry import save_model
 
 __all__ = ["NonFiniteLossError", "evaluate", "fit", "train"]
 
