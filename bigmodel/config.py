@@ -36,6 +36,7 @@ __all__ = [
     "RetrievalHeadConfig",
     "ScheduleConfig",
     "SegmentationHeadConfig",
+    "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "load_config",
@@ -348,6 +349,23 @@ class ClusterConfig(_Strict):
     """Restarts from the last checkpoint after a worker failure (-1: unlimited)."""
 
 
+class TrackingConfig(_Strict):
+    """MLflow tracking of a run (params, per-step metrics, curves, the model folder), rank 0 only."""
+
+    enabled: bool = False
+    """Log the run to MLflow; checked on the driver before Ray starts."""
+    uri: str = "sqlite:///{output_dir}/mlflow.db"
+    """MLflow tracking URI; ``{output_dir}`` is ``train.output_dir``. The default is a local
+    SQLite store beside the runs (artifacts in ``{output_dir}/mlartifacts``); on a cluster point
+    it at a server every worker reaches, e.g. ``http://mlflow:5000``."""
+    experiment: str = "bigmodel"
+    """MLflow experiment the run is logged under (created when missing)."""
+    register_as: str | None = None
+    """Register the finished model folder as a new version of this registered model."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Extra run tags, copied to a registered version; ``sweep`` names the sweep in lineage."""
+
+
 class Config(_Strict):
     """A complete run."""
 
@@ -362,6 +380,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
     cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def global_batch_size(self) -> int:
