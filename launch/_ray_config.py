@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchConfig
 
 from bigmodel.config import Config, ConfigError
@@ -91,11 +98,12 @@ def storage_path(cfg: Config) -> str:
     return str(Path(cfg.train.output_dir).resolve() / "ray_results")
 
 
-def run_config(cfg: Config) -> RunConfig:
+def run_config(cfg: Config, callbacks: list[UserCallback] | None = None) -> RunConfig:
     """Run name, storage, failure handling and checkpoint retention.
 
     Reusing ``name`` and storage makes Ray Train restore its checkpoint list, so running the same
-    command again resumes from the last checkpoint (with any number of workers).
+    command again resumes from the last checkpoint (with any number of workers). ``callbacks``
+    are added after the progress printer (``bigmodel-tune`` passes its Tune report callback).
     """
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     return RunConfig(
@@ -107,7 +115,7 @@ def run_config(cfg: Config) -> RunConfig:
         checkpoint_config=CheckpointConfig(),
         worker_runtime_env={"env_vars": env} if env else None,
         # One compact line per report from ProgressPrinter instead of Ray's per-rank INFO dumps.
-        callbacks=[ProgressPrinter(cfg.cluster.max_failures)],
+        callbacks=[ProgressPrinter(cfg.cluster.max_failures), *(callbacks or [])],
         logging_config=LoggingConfig(log_level="WARNING"),
     )
 

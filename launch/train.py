@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 import yaml
-from ray.train import Result
+from ray.train import Result, UserCallback
 from ray.train.torch import TorchTrainer
 
 from bigmodel.config import Config, ConfigError, load_config
@@ -72,13 +72,17 @@ def connect(cfg: Config, address: str | None = None) -> bool:
     return True
 
 
-def build_trainer(cfg: Config) -> TorchTrainer:
-    """A ``TorchTrainer`` running ``bigmodel.engine.train`` on every worker for ``cfg``."""
+def build_trainer(cfg: Config, callbacks: list[UserCallback] | None = None) -> TorchTrainer:
+    """A ``TorchTrainer`` running ``bigmodel.engine.train`` on every worker for ``cfg``.
+
+    ``callbacks`` (Ray Train ``UserCallback``s) are added to the run config; ``bigmodel-tune``
+    passes the one that forwards every report to its Tune trial.
+    """
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict()},
         scaling_config=_ray_config.scaling_config(cfg),
-        run_config=_ray_config.run_config(cfg),
+        run_config=_ray_config.run_config(cfg, callbacks),
         torch_config=_ray_config.torch_config(cfg),
     )
 
