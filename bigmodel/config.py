@@ -152,12 +152,17 @@ class ClassificationHeadConfig(_HeadBase):
 
 
 class SegmentationHeadConfig(_HeadBase):
-    """FPN-style decoder over all feature levels; logits at input resolution."""
+    """A decoder over the backbone's feature levels; logits at input resolution."""
 
     type: Literal["segmentation"] = "segmentation"
     target: str = "mask"
+    decoder: Literal["unet", "fpn"] = "unet"
+    """``unet``: segmentation_models_pytorch's U-Net decoder (skips at every level, up to full
+    resolution; the medical-imaging default). ``fpn``: a light FPN over the levels of stride >= 4,
+    merged at stride 4 (cheaper; coarser borders)."""
     decoder_channels: int = Field(128, gt=0)
-    """Channels of the FPN decoder."""
+    """``unet``: channels of the coarsest decoder block, halved per block (at least 16).
+    ``fpn``: channels of every pyramid level."""
     ignore_index: int = 255
     """Mask value excluded from loss and metrics."""
     dice_weight: float = Field(1.0, ge=0.0)
