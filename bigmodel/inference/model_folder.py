@@ -1,10 +1,15 @@
 """The saved-model folder: what a finished run hands to evaluation, export and inference.
 
-``{run}/model/`` holds ``model.safetensors`` (full weights, no pickle), the resolved
-``config.yaml`` that rebuilds the architecture (``bigmodel.models.build_model``), and
-``model_card.json``: the dataset manifest's sha256, the git commit of the code, the final
-metrics, and when it was written. The folder is written under a temporary name and renamed, so a
-reader never sees half a model.
+``{run}/model/`` holds ``model.safetensors`` (full fp32 weights, no pickle), the resolved
+``config.yaml`` that rebuilds the architecture (``bigmodel.models.build_model``),
+``preprocessing.json`` (how to turn a new image into what the model saw in training, see
+:mod:`bigmodel.inference.preprocess`) and ``model_card.json``: the dataset manifest's sha256, the
+git commit of the code, the final metrics, and when it was written. The folder is written under a
+temporary name and renamed, so a reader never sees half a model. The same folder is what the
+MLflow registry stores and what ``bigmodel-predict`` loads.
+
+:func:`load_model` reads it back without unpickling anything (safetensors, YAML, JSON) and
+names the file at fault when one is missing or does not fit.
 """
 
 from __future__ import annotations
@@ -14,19 +19,39 @@ import hashlib
 import json
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from bigmodel import __version__
-from bigmodel.config import Config
+from bigmodel.config import Config, ConfigError, load_config
+from bigmodel.inference.preprocess import PREPROCESSING, Preprocessing, preprocessing_from
 
-__all__ = ["MODEL_CARD", "WEIGHTS", "file_sha256", "git_commit", "save_model"]
+__all__ = [
+    "CONFIG",
+    "MODEL_CARD",
+    "PREPROCESSING",
+    "WEIGHTS",
+    "LoadedModel",
+    "ModelFolderError",
+    "file_sha256",
+    "git_commit",
+    "load_model",
+    "load_weights",
+    "save_model",
+]
 
 WEIGHTS = "model.safetensors"
 MODEL_CARD = "model_card.json"
+CONFIG = "config.yaml"
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and the fix."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -61,17 +86,33 @@ def save_model(
     metrics: dict[str, float] | None = None,
     manifest_path: str | Path | None = None,
     extra: dict[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Path:
-    """Write ``directory`` (weights + config + model card) atomically; returns it."""
+    """Write ``directory`` (weights, config, preprocessing record, model card) atomically.
+
+    ``preprocessing`` defaults to the record made from ``cfg`` and the manifest at
+    ``manifest_path``; without either the folder has no ``preprocessing.json`` and
+    :func:`load_model` refuses it.
+    """
+    if preprocessing is None and manifest_path is not None:
+        from bigmodel.data import load_manifest
+
+        preprocessing = preprocessing_from(cfg, load_manifest(Path(manifest_path).parent))
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     # safetensors refuses shared or non-contiguous storage: give every tensor its own copy.
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    # Floating-point weights are stored fp32 whatever the training precision.
+    tensors = {
+        k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
+        for k, v in state_dict.items()
+    }
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    cfg.save(tmp / "config.yaml")
+    cfg.save(tmp / CONFIG)
+    if preprocessing is not None:
+        preprocessing.save(tmp / PREPROCESSING)
     card = {
         "name": cfg.name,
         "bigmodel_version": __version__,
@@ -90,3 +131,110 @@ def save_model(
         shutil.rmtree(directory)
     tmp.rename(directory)
     return directory
+
+
+@dataclass
+class LoadedModel:
+    """A model folder in memory: the model in eval mode and everything that describes it."""
+
+    model: torch.nn.Module
+    """``MultiTaskModel`` with the saved weights, in eval mode, on the CPU."""
+    config: Config
+    """The resolved run config (channels and class counts filled in)."""
+    preprocessing: Preprocessing
+    """How to turn a new input into what the model saw in training."""
+    card: dict[str, Any]
+    """The model card (dataset manifest hash, git commit, metrics, ...)."""
+    path: Path
+    """The folder it came from."""
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise ModelFolderError(
+            f"{path}: missing ({what}); a model folder holds {WEIGHTS}, {CONFIG}, "
+            f"{PREPROCESSING} and {MODEL_CARD}: point at a run's model/ folder or rewrite it with "
+            f"bigmodel-export RUN --out DIR"
+        )
+    return path
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (never unpickles); one-line error naming the file."""
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelFolderError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load a model folder (or ``models:/name@alias`` from the MLflow registry) for inference.
+
+    Raises:
+        ModelFolderError: a file is missing, unreadable, or the weights do not fit the config;
+            the message names the file.
+    """
+    from bigmodel.models import build_model  # timm and the heads: only when a model is built
+
+    if str(path).startswith("models:/"):
+        from bigmodel.registry import resolve_model_uri
+
+        path = resolve_model_uri(str(path))
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"{folder}: no such model folder (a run writes it as RUN/model; "
+            f"bigmodel-export writes one from a checkpoint)"
+        )
+    config_file = _need(folder / CONFIG, "the resolved run config")
+    weights_file = _need(folder / WEIGHTS, "the weights")
+    prep_file = _need(folder / PREPROCESSING, "how inputs are preprocessed")
+    card_file = _need(folder / MODEL_CARD, "the model card")
+    try:
+        cfg = load_config(config_file)
+    except ConfigError as err:
+        raise ModelFolderError(f"{config_file}: {' '.join(str(err).split())}") from None
+    try:
+        prep = Preprocessing.load(prep_file)
+    except ValueError as err:
+        raise ModelFolderError(str(err)) from None
+    try:
+        card = json.loads(card_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelFolderError(f"{card_file}: not readable JSON ({err})") from None
+    if cfg.model.backbone.in_chans != prep.in_chans:
+        raise ModelFolderError(
+            f"{prep_file}: in_chans={prep.in_chans} but {CONFIG} has "
+            f"model.backbone.in_chans={cfg.model.backbone.in_chans}; the files come from "
+            f"different runs"
+        )
+    # Weights files are loaded by the folder, never downloaded (and never unpickled).
+    cfg.model.backbone.pretrained = None
+    try:
+        model = build_model(cfg.model)
+    except ConfigError as err:
+        raise ModelFolderError(f"{config_file}: {' '.join(str(err).split())}") from None
+    state = load_weights(weights_file)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{k} is {list(state[k].shape)}, the config builds {list(expected[k].shape)}"
+            )
+        raise ModelFolderError(
+            f"{weights_file}: weights do not fit {CONFIG} ({'; '.join(parts)}); the files come "
+            f"from different runs"
+        )
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedModel(model=model, config=cfg, preprocessing=prep, card=card, path=folder)

@@ -1,0 +1,306 @@
+"""``bigmodel-predict MODEL INPUT... --out DIR``: a trained model on PNG/JPEG, NIfTI and DICOM.
+
+:class:`Predictor` is the library API (``launch/`` calls it from Ray Data ``map_batches`` for
+bulk prediction): ``predict_arrays`` runs raw ``[N, C, H, W]`` images, ``predict_file`` one input
+file end to end. A volume is cut into 2D / 2.5D slices exactly as ``bigmodel-shard build`` cut
+the training volumes (the model folder's ``preprocessing.json``), normalised as in training,
+predicted in batches (whole slices: sliding windows where they exceed the training size), and
+restacked: segmentations become a NIfTI label volume with the input's affine, spacing and
+orientation. Each input gets a JSON summary: class probabilities, volumes of segmented
+structures in mL, detections in patient coordinates, the embedding of retrieval heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bigmodel.inference.files import (
+    Study,
+    read_study,
+    study_name,
+    write_json,
+    write_nifti,
+    write_png,
+)
+from bigmodel.inference.model_folder import LoadedModel, ModelFolderError, load_model
+from bigmodel.inference.preprocess import (
+    AXES,
+    InputError,
+    check_channels,
+    normalize,
+    slice_volume,
+)
+from bigmodel.inference.window import whole_image_outputs
+
+__all__ = ["Predictor", "main"]
+
+DEFAULT_BATCH = 16
+
+
+class Predictor:
+    """A loaded model folder, ready to predict on arrays and files (no Ray, no shards).
+
+    Args:
+        model: a model folder, ``models:/name@alias``, or an already loaded model.
+        batch_size: slices per forward pass.
+        device: ``cpu``, ``cuda``... (the model is moved there once).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | LoadedModel,
+        batch_size: int = DEFAULT_BATCH,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        self.prep = self.loaded.preprocessing
+        self.device = torch.device(device)
+        self.model = self.loaded.model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.heads = dict(self.prep.head_types)
+
+    # ------------------------------------------------------------------ arrays
+
+    def predict_arrays(self, images: np.ndarray | torch.Tensor, progress: Any = None) -> dict:
+        """Raw images ``[N, C, H, W]`` (as stored in the shards) -> numpy outputs per head.
+
+        Returns ``{head: value}``: classification probabilities ``[N, K]`` (softmax, or sigmoid
+        for multi-label), segmentation label maps ``[N, H, W]`` (uint8, argmax of the logits),
+        retrieval embeddings ``[N, D]``, detection a list of ``{"boxes", "scores", "labels"}``
+        per image (pixels).
+        """
+        if not torch.is_tensor(images):
+            # float32 in native byte order, as the training decoder makes it (NIfTI may be >i2).
+            images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if images.ndim != 4 or images.shape[1] != self.prep.in_chans:
+            raise InputError(
+                f"images have shape {list(images.shape)}; the model takes [N, "
+                f"{self.prep.in_chans}, H, W]"
+            )
+        parts: dict[str, list[Any]] = {name: [] for name in self.heads}
+        for start in range(0, images.shape[0], self.batch_size):
+            batch = normalize(images[start : start + self.batch_size].to(self.device), self.prep)
+            with torch.inference_mode():
+                outputs = whole_image_outputs(self.model, batch, self.prep.image_size)
+            for name, out in outputs.items():
+                parts[name].append(self._postprocess(name, out))
+            if progress is not None:
+                progress.update(int(batch.shape[0]))
+        result: dict[str, Any] = {}
+        for name, chunks in parts.items():
+            if self.heads[name] == "detection":
+                result[name] = [det for chunk in chunks for det in chunk]
+            else:
+                result[name] = np.concatenate(chunks) if chunks else np.zeros((0,))
+        return result
+
+    def _postprocess(self, name: str, out: Any) -> Any:
+        kind = self.heads[name]
+        cfg = self.loaded.config.model.heads[name]
+        if kind == "classification":
+            multilabel = getattr(cfg, "multilabel", False)
+            probs = out.float().sigmoid() if multilabel else out.float().softmax(dim=1)
+            return probs.cpu().numpy()
+        if kind == "segmentation":
+            return out.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        if kind == "retrieval":
+            return out.float().cpu().numpy()
+        return [{k: v.detach().cpu().numpy() for k, v in det.items()} for det in out]
+
+    def samples_of(self, study: Study) -> np.ndarray:
+        """The model's input samples ``[N, C', H, W]`` cut from one study, as in training."""
+        file = str(study.path)
+        check_channels(study.image, self.prep, file)
+        if not study.is_volume:
+            if self.prep.context:
+                raise InputError(
+                    f"{file}: a 2D image, but the model is 2.5D (it reads {self.prep.window} "
+                    f"neighbouring slices); give it a volume"
+                )
+            return study.image[None]
+        return slice_volume(study.image, self.prep)
+
+    # ------------------------------------------------------------------ files
+
+    def predict_file(self, path: str | Path, out_dir: str | Path, progress: Any = None) -> dict:
+        """Predict one input file and write its outputs and ``NAME.json`` into ``out_dir``.
+
+        Returns the summary (what the JSON holds). Raises :class:`InputError` naming the file
+        when it cannot be read or does not fit the model; nothing is written then.
+        """
+        started = time.perf_counter()
+        study = read_study(path)
+        samples = self.samples_of(study)
+        outputs = self.predict_arrays(samples, progress=progress)
+        out_dir = Path(out_dir)
+        name = study_name(study.path)
+        summary: dict[str, Any] = {
+            "input": str(study.path),
+            "kind": study.kind,
+            "shape": list(study.image.shape),
+            "spacing_mm": [float(s) for s in study.spacing] or None,
+            "model": str(self.loaded.path),
+            "model_name": self.loaded.card.get("name"),
+            "slices": int(samples.shape[0]),
+            "heads": {},
+        }
+        for head, value in outputs.items():
+            kind = self.heads[head]
+            if kind == "classification":
+                entry = self._classification_summary(head, value, study)
+            elif kind == "segmentation":
+                entry = self._segmentation_summary(head, value, study, out_dir, name)
+            elif kind == "retrieval":
+                entry = {"embedding": value.mean(axis=0).round(6).tolist()}
+                if study.is_volume:
+                    entry["note"] = "mean of the per-slice embeddings"
+            else:
+                entry = self._detection_summary(head, value, study)
+            summary["heads"][head] = {"type": kind, **entry}
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+        summary["summary_file"] = str(write_json(out_dir / f"{name}.json", summary))
+        return summary
+
+    def _classification_summary(self, head: str, probs: np.ndarray, study: Study) -> dict:
+        names = self.prep.classes.get(head) or [str(k) for k in range(probs.shape[1])]
+        mean = probs.mean(axis=0)
+        entry: dict[str, Any] = {
+            "probabilities": {c: round(float(p), 6) for c, p in zip(names, mean, strict=True)},
+            "predicted": names[int(mean.argmax())],
+        }
+        if study.is_volume:
+            entry["note"] = "volume probabilities are the mean over its slices"
+            entry["per_slice_predicted"] = [names[int(k)] for k in probs.argmax(axis=1)]
+        return entry
+
+    def _restack(self, labels: np.ndarray, study: Study) -> np.ndarray:
+        """Per-slice maps ``[N, h, w]`` back into the volume's ``[z, y, x]`` order."""
+        return np.moveaxis(labels, 0, AXES[self.prep.axis])
+
+    def _segmentation_summary(
+        self, head: str, labels: np.ndarray, study: Study, out_dir: Path, name: str
+    ) -> dict:
+        names = self.prep.classes.get(head) or [str(k) for k in range(int(labels.max()) + 1)]
+        counts = np.bincount(labels.ravel(), minlength=len(names))[: len(names)]
+        entry: dict[str, Any] = {"voxels": {c: int(n) for c, n in zip(names, counts, strict=True)}}
+        if study.is_volume:
+            volume = self._restack(labels, study)
+            voxel_ml = float(np.prod(study.spacing)) / 1000.0 if study.spacing else None
+            if voxel_ml is not None:
+                entry["volumes_ml"] = {
+                    c: round(int(n) * voxel_ml, 3)
+                    for c, n in zip(names[1:], counts[1:], strict=True)
+                }
+            path = write_nifti(out_dir / f"{name}_{head}.nii.gz", volume, study)
+            entry["output"] = str(path)
+            if study.kind == "dicom" and study.dicom_files:
+                from bigmodel.inference.dicom_seg import write_dicom_seg
+
+                seg = write_dicom_seg(out_dir / f"{name}_{head}.seg.dcm", volume, study, names)
+                if seg is not None:
+                    entry["dicom_seg"] = str(seg)
+        else:
+            entry["output"] = str(write_png(out_dir / f"{name}_{head}.png", labels[0]))
+        return entry
+
+    def _world(self, study: Study, points_zyx: np.ndarray) -> np.ndarray | None:
+        """Voxel coordinates ``[..., (z, y, x)]`` -> world (RAS, mm) through the input's affine."""
+        if study.affine is None:
+            return None
+        xyz = points_zyx[..., ::-1]
+        return xyz @ study.affine[:3, :3].T + study.affine[:3, 3]
+
+    def _detection_summary(self, head: str, detections: list[dict], study: Study) -> dict:
+        names = self.prep.classes.get(head) or []
+        found = []
+        dim = AXES[self.prep.axis]
+        for index, det in enumerate(detections):
+            for box, score, label in zip(det["boxes"], det["scores"], det["labels"], strict=True):
+                item: dict[str, Any] = {
+                    "label": names[int(label)] if int(label) < len(names) else int(label),
+                    "score": round(float(score), 4),
+                    "box_pixels_xyxy": [round(float(v), 2) for v in box],
+                }
+                if study.is_volume:
+                    item["slice"] = index
+                    corners = []
+                    for x, y in ((box[0], box[1]), (box[2], box[3])):
+                        plane = [float(y), float(x)]  # the slice's two axes, in [D, H, W] order
+                        plane.insert(dim, float(index))
+                        corners.append(plane)
+                    world = self._world(study, np.array(corners))
+                    if world is not None:
+                        item["corners_ras_mm"] = world.round(2).tolist()
+                found.append(item)
+        entry: dict[str, Any] = {"detections": found}
+        if study.is_volume and study.affine is not None:
+            entry["coordinates"] = "corners_ras_mm: RAS+ world millimetres (NIfTI convention)"
+        return entry
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bigmodel-predict",
+        description="Predict with a trained model on PNG/JPEG images, NIfTI volumes and DICOM "
+        "series; writes label maps (PNG / NIfTI in the input's space) and a JSON summary each.",
+    )
+    parser.add_argument("model", help="model folder (RUN/model) or models:/NAME@ALIAS")
+    parser.add_argument("inputs", nargs="+", help="image, .nii/.nii.gz, .dcm, or a DICOM folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="slices per pass")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bigmodel-predict``; exit 2 on bad input, naming the file."""
+    from tqdm import tqdm
+
+    args = _parse(argv)
+    try:
+        predictor = Predictor(args.model, batch_size=args.batch_size, device=args.device)
+    except (ModelFolderError, FileNotFoundError, ValueError) as err:
+        print(f"bigmodel-predict: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    failed = 0
+    bar = tqdm(args.inputs, desc="inputs", unit="input", disable=len(args.inputs) == 1)
+    for path in bar:
+        try:
+            with tqdm(desc=Path(path).name, unit="slice", leave=False) as slices:
+                summary = predictor.predict_file(path, out, progress=slices)
+        except InputError as err:
+            failed += 1
+            tqdm.write(f"bigmodel-predict: {err}", file=sys.stderr)
+            continue
+        tqdm.write(_one_line(summary))
+    if failed:
+        print(f"bigmodel-predict: {failed} of {len(args.inputs)} input(s) failed", file=sys.stderr)
+        return 2
+    print(f"outputs and JSON summaries in {out}")
+    return 0
+
+
+def _one_line(summary: dict) -> str:
+    parts = [Path(summary["input"]).name]
+    for head, entry in summary["heads"].items():
+        if entry["type"] == "classification":
+            parts.append(f"{head}={entry['predicted']}")
+        elif entry["type"] == "segmentation" and "volumes_ml" in entry:
+            vols = ", ".join(f"{c} {v:.1f} mL" for c, v in entry["volumes_ml"].items())
+            parts.append(f"{head}: {vols}")
+        elif entry["type"] == "detection":
+            parts.append(f"{head}: {len(entry['detections'])} box(es)")
+    return "  ".join(parts) + f"  -> {summary['summary_file']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
