@@ -12,6 +12,7 @@ from typing import Any
 
 from bigmodel.config import Config, config_from_dict
 from bigmodel.engine.session import Session
+from bigmodel.tracking import tracked
 from launch.session import RaySession
 
 
@@ -66,4 +67,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"], source="bigmodel-train driver")
     session = RaySession()
     write_worker_file(cfg, session)
-    train(cfg, session)
+    with tracked(cfg, session) as session:  # MLflow on rank 0 when tracking.enabled
+        train(cfg, session)

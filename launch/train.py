@@ -23,6 +23,7 @@ from ray.train import Result, UserCallback
 from ray.train.torch import TorchTrainer
 
 from bigmodel.config import Config, ConfigError, load_config
+from bigmodel.tracking import RUN_RECORD, check_tracking
 from launch import _ray_config
 from launch._worker import train_loop_per_worker
 
@@ -97,6 +98,8 @@ def run(cfg: Config, address: str | None = None) -> Result:
         ray.train.TrainingFailedError: a worker failed more than ``cluster.max_failures`` times.
     """
     cfg = resolve_paths(cfg)
+    if cfg.tracking.enabled:
+        check_tracking(cfg)  # a down MLflow server fails here, before any Ray or GPU time
     started = connect(cfg, address)
     try:
         _ray_config.check_storage(cfg, ray.nodes())
@@ -123,6 +126,12 @@ def _summary(cfg: Config, result: Result, seconds: float) -> str:
         lines.append(f"  saved model:       {run_dir / 'model'}")
     if metrics:
         lines.append("  final metrics:     " + json.dumps(metrics, sort_keys=True))
+    if cfg.tracking.enabled and (run_dir / RUN_RECORD).is_file():
+        record = json.loads((run_dir / RUN_RECORD).read_text())
+        lines.append(f"  mlflow run:        {record.get('run_id')} at {record.get('uri')}")
+        for key in ("registered", "error"):
+            if key in record:
+                lines.append(f"  mlflow {key + ':':<12}{record[key]}")
     return "\n".join(lines)
 
 
