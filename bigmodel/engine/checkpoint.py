@@ -43,6 +43,7 @@ from bigmodel.engine._strategy import Distributed
 __all__ = [
     "TrainState",
     "checkpoint_dir",
+    "consolidated_state_dict",
     "full_state_dict",
     "is_complete",
     "load_checkpoint",
@@ -259,3 +260,35 @@ def full_state_dict(dm: Distributed) -> dict[str, torch.Tensor] | None:
     if rank != 0:
         return None
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def consolidated_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights of a complete checkpoint, whatever strategy wrote it.
+
+    Needs no process group and no DeepSpeed engine (``bigmodel-export`` runs it on a laptop):
+    DDP checkpoints hold the full state (read with ``weights_only=True``); DeepSpeed ZeRO-1/2/3
+    partitions are merged by DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
+    (zero_to_fp32: the fp32 master weights, not a bf16/fp16 copy), ZeRO-0 keeps the module
+    whole in its model-states file.
+    """
+    directory = Path(directory)
+    if not is_complete(directory):
+        raise FileNotFoundError(
+            f"{directory}: not a complete checkpoint (no {META}); use a checkpoints/step_* folder "
+            f"that finished writing"
+        )
+    meta = json.loads((directory / META).read_text())
+    if meta["strategy"] != "deepspeed":
+        saved = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+        return {k: v.float() if v.is_floating_point() else v for k, v in saved["model"].items()}
+    if meta["zero_stage"] == 0:
+        files = sorted((directory / DS_TAG).glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{directory / DS_TAG}: no DeepSpeed model-states file")
+        # DeepSpeed pickles its config beside the weights; this is our own checkpoint.
+        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DS_TAG)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
