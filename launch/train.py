@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from bigmodel.config import Config, ConfigError, load_config
 from bigmodel.tracking import RUN_RECORD, check_tracking
-from launch import _ray_config
+from launch import _folds, _ray_config
 from launch._worker import train_loop_per_worker
 
 __all__ = ["connect", "main", "resolve_paths", "run"]
@@ -109,6 +109,16 @@ def run(cfg: Config, address: str | None = None) -> Result:
             ray.shutdown()
 
 
+def _cross_validate(cfg: Config, address: str | None) -> dict:
+    """Every fold of ``cfg``'s shards in turn, on one Ray (embedded Ray starts once)."""
+    started = connect(resolve_paths(cfg), address)
+    try:
+        return _folds.cross_validate(cfg, lambda fold_cfg: run(fold_cfg, address).metrics or {})
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _summary(cfg: Config, result: Result, seconds: float) -> str:
     run_dir = Path(cfg.train.output_dir) / cfg.name
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
@@ -154,6 +164,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate, print the resolved config as YAML and exit without training",
     )
+    folds = parser.add_mutually_exclusive_group()
+    folds.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="train cross-validation fold I (shards built with --folds K): val = fold I",
+    )
+    folds.add_argument(
+        "--folds",
+        action="store_true",
+        help="train every fold in turn and write per-fold and mean ± std metrics",
+    )
     return parser
 
 
@@ -162,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # options may follow the overrides
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.fold is not None:
+            cfg = _folds.fold_config(cfg, args.fold)
     except ConfigError as err:
         print(f"bigmodel-train: {err}", file=sys.stderr)
         return 2
@@ -170,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     try:
+        if args.folds:
+            print(_folds.format_summary(_cross_validate(cfg, args.address)))
+            return 0
         result = run(cfg, address=args.address)
     except ConfigError as err:
         print(f"bigmodel-train: {err}", file=sys.stderr)

@@ -26,7 +26,7 @@ from sharding._samples import AXES, ItemResult, SamplePlan, process_item
 from sharding._stats import ChannelStats
 from sharding._writer import ShardSink, atomic_write_json
 from sharding.records import Reader, SourceError, SourceItem
-from sharding.splits import assign_splits
+from sharding.splits import POOL, assign_folds, assign_splits
 
 STATE_DIR = ".bigmodel-shard"
 """Hidden folder inside the output holding the build state and per-split journals until done."""
@@ -51,6 +51,8 @@ class BuildOptions:
     """Seeds the patient-to-split assignment."""
     use_source_split: bool = False
     """Keep the split the source names for an item (others are split by ``split_ratios``)."""
+    folds: int = 0
+    """Deal the train and val patients into this many cross-validation folds (0: none)."""
     max_shard_bytes: int = 256 << 20
     max_shard_samples: int = 1000
     workers: int = 1
@@ -85,6 +87,8 @@ class BuildOptions:
             raise SourceError("--max-shard-samples/--max-shard-bytes", "must be positive", "")
         if self.workers < 1:
             raise SourceError(f"--workers {self.workers}", "must be >= 1", "")
+        if self.folds < 0 or self.folds == 1:
+            raise SourceError(f"--folds {self.folds}", "must be 0 (none) or >= 2", "e.g. 5")
 
 
 @dataclass
@@ -115,6 +119,7 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
     source_path = str(getattr(reader, "path", ""))
     _check_items(items, source_path)
     assignment = assign_splits(items, options.split_ratios, options.seed, options.use_source_split)
+    folds = assign_folds(items, assignment, options.folds, options.seed) if options.folds else {}
     tasks_json = schema.to_json()
     fingerprint = _fingerprint(reader, items, assignment, tasks_json, options)
     done = _prepare_out_dir(out, fingerprint)
@@ -125,6 +130,11 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
     state_dir = out / STATE_DIR
     state = json.loads((state_dir / "state.json").read_text())
     by_split = {s: [it for it in items if assignment[it.source_id] == s] for s in fmt.SPLITS}
+    if folds:  # each fold's items together, so a shard never spans two folds (stable sort)
+        by_split = {
+            s: sorted(v, key=lambda it: folds.get(it.group, -1)) for s, v in by_split.items()
+        }
+    open_fold: dict[str, int | None] = {}
     journals = {s: _SplitState.load(state_dir / f"{s}.json") for s in fmt.SPLITS}
     _drop_unjournaled(out, journals)
 
@@ -170,10 +180,23 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
                 continue
             _check_consistent(state, result, item, out)
             first = journal.sample if idx == journal.item else 0
+            fold = folds.get(item.group)
+            if open_fold.setdefault(split, fold) != fold:
+                # cut the shard at a fold boundary: a fold is a set of whole shards
+                finished = sinks[split].finish()
+                if finished:
+                    written["bytes"] += finished["bytes"]
+                    journal.shards.append({**finished, "fold": open_fold[split]})
+                    journal.item, journal.sample = idx, first
+                    journal.stats = stats[split].to_state()
+                    atomic_write_json(state_dir / f"{split}.json", vars(journal))
+                open_fold[split] = fold
             for j, sample in enumerate(result.samples[first:], start=first):
                 finished = sinks[split].add(sample)
                 written["samples"] += 1
                 if finished:
+                    if fold is not None:
+                        finished["fold"] = fold
                     written["bytes"] += finished["bytes"]
                     journal.shards.append(finished)
                     journal.item, journal.sample = idx, j
@@ -187,6 +210,8 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
         for split, sink in sinks.items():
             finished = sink.finish()
             journal = journals[split]
+            if finished and open_fold.get(split) is not None:
+                finished["fold"] = open_fold[split]
             if finished:
                 written["bytes"] += finished["bytes"]
                 journal.shards.append(finished)
@@ -210,6 +235,8 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
             "fix the source; an empty dataset cannot be trained on",
         )
     manifest = _manifest(reader, options, state, fingerprint, tasks_json, by_split, journals, stats)
+    if folds:
+        manifest["folds"] = _folds_record(folds, journals, options)
     atomic_write_json(out / fmt.MANIFEST_NAME, manifest)
     shutil.rmtree(state_dir, ignore_errors=True)
     seconds = time.perf_counter() - started
@@ -405,6 +432,30 @@ def _manifest(reader, options, state, fingerprint, tasks_json, by_split, journal
         "stats": overall.summary(),
         "splits": splits,
         "skipped": skipped,
+    }
+
+
+def _folds_record(
+    folds: dict[str, int], journals: dict[str, _SplitState], options: BuildOptions
+) -> dict[str, Any]:
+    """``dataset.json["folds"]``: which patient is in which fold, and each fold's size.
+
+    Every shard of the pool splits also carries its ``fold``; ``bigmodel/data`` builds fold i's
+    training and validation sets from whole shards.
+    """
+    k = options.folds
+    samples = [0] * k
+    for split in POOL:
+        for shard in journals[split].shards:
+            samples[shard["fold"]] += shard["num_samples"]
+    return {
+        "k": k,
+        "seed": options.seed,
+        "pool": list(POOL),
+        "by": "patient (group)",
+        "num_groups": [sum(1 for f in folds.values() if f == i) for i in range(k)],
+        "num_samples": samples,
+        "groups": dict(sorted(folds.items())),
     }
 
 

@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--split-ratios", default="0.8,0.1,0.1", help="train,val,test by patient")
     b.add_argument("--seed", type=int, default=0, help="seed of the patient-to-split assignment")
     b.add_argument("--use-source-split", action="store_true", help="keep the source's own split")
+    b.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also deal the train+val patients into K cross-validation folds (bigmodel-train --fold)",
+    )
     b.add_argument("--max-shard-bytes", type=_size, default="256MB")
     b.add_argument("--max-shard-samples", type=int, default=1000)
     b.add_argument("--workers", type=int, default=1, help="processes loading and encoding")
@@ -125,6 +132,7 @@ def _build(args: argparse.Namespace, argv: Sequence[str]) -> int:
         split_ratios=parse_ratios(args.split_ratios),
         seed=args.seed,
         use_source_split=args.use_source_split,
+        folds=args.folds,
         max_shard_bytes=args.max_shard_bytes,
         max_shard_samples=args.max_shard_samples,
         workers=args.workers,

@@ -97,3 +97,29 @@ def check_disjoint(items: Sequence[SourceItem], assignment: dict[str, str]) -> N
         split = assignment[item.source_id]
         if seen.setdefault(item.group, split) != split:
             raise AssertionError(f"patient {item.group!r} in splits {seen[item.group]} and {split}")
+
+
+POOL = ("train", "val")
+"""Splits whose patients are dealt into cross-validation folds; ``test`` stays held out."""
+
+
+def assign_folds(
+    items: Sequence[SourceItem], assignment: dict[str, str], k: int, seed: int = 0
+) -> dict[str, int]:
+    """Deal the patients of the train and val splits into ``k`` folds: ``{patient: fold}``.
+
+    Patients are ordered by the same seeded hash as the splits and dealt round-robin, so fold
+    sizes differ by at most one patient, every item of a patient is in one fold, and the same
+    patients and seed always give the same folds. Test patients get no fold.
+    """
+    groups = sorted(
+        {it.group for it in items if assignment[it.source_id] in POOL},
+        key=lambda g: (_rank(seed, f"fold:{g}"), g),
+    )
+    if k < 2 or k > len(groups):
+        raise SourceError(
+            f"--folds {k}",
+            f"needs 2 <= K <= the {len(groups)} patients of the train and val splits",
+            "lower --folds, or put more patients in train/val with --split-ratios",
+        )
+    return {group: i % k for i, group in enumerate(groups)}

@@ -24,6 +24,7 @@ __all__ = [
     "ShardInfo",
     "SplitInfo",
     "TaskInfo",
+    "fold_split_names",
     "load_manifest",
     "resolve_config",
 ]
@@ -93,6 +94,9 @@ class Manifest:
     splits: dict[str, SplitInfo]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     """The parsed JSON, for fields this view does not type (``created_by``, ``skipped``...)."""
+    num_folds: int = 0
+    """Cross-validation folds (``bigmodel-shard build --folds K``); fold ``i`` is read as the
+    splits ``fold{i}-train`` and ``fold{i}-val`` (:func:`fold_split_names`)."""
 
     @property
     def path(self) -> Path:
@@ -192,6 +196,48 @@ def _parse_splits(raw: dict[str, Any], path: Path) -> dict[str, SplitInfo]:
     return splits
 
 
+def fold_split_names(fold: int) -> tuple[str, str]:
+    """The training and validation split names of cross-validation fold ``fold``."""
+    return f"fold{fold}-train", f"fold{fold}-val"
+
+
+def _fold_splits(
+    raw: dict[str, Any], splits: dict[str, SplitInfo], path: Path
+) -> dict[str, SplitInfo]:
+    """Fold ``i``'s splits from whole shards: validation = the pool's shards of fold ``i``,
+    training = those of every other fold. The builder cuts shards at fold boundaries and
+    records each shard's fold, so exact sample counts (epoch length, exactly-once evaluation)
+    hold for folds as for ordinary splits."""
+    folds = raw.get("folds")
+    if not folds:
+        return {}
+    k = _require(folds, "k", int, "folds.", path)
+    groups = list(folds.get("num_groups") or [0] * k)
+    by_fold: list[list[ShardInfo]] = [[] for _ in range(k)]
+    for split in folds.get("pool", ["train", "val"]):
+        if split not in splits:
+            continue
+        for entry, shard in zip(raw["splits"][split]["shards"], splits[split].shards, strict=True):
+            fold = entry.get("fold")
+            if not isinstance(fold, int) or not 0 <= fold < k:
+                raise ManifestError(
+                    f"{path}: shard {shard.name} of split {split!r} has no fold in 0..{k - 1}; "
+                    f"rebuild the shards with bigmodel-shard build --folds {k}"
+                )
+            by_fold[fold].append(shard)
+    out = {}
+    for i in range(k):
+        train_name, val_name = fold_split_names(i)
+        train = tuple(s for j in range(k) if j != i for s in by_fold[j])
+        out[train_name] = SplitInfo(
+            sum(s.num_samples for s in train), sum(groups) - groups[i], train
+        )
+        out[val_name] = SplitInfo(
+            sum(s.num_samples for s in by_fold[i]), groups[i], tuple(by_fold[i])
+        )
+    return out
+
+
 def load_manifest(directory: str | Path) -> Manifest:
     """Read and check ``directory/dataset.json``.
 
@@ -232,6 +278,8 @@ def load_manifest(directory: str | Path) -> Manifest:
                 f"{path}: stats.{key} has {len(value)} values for {channels} channels; "
                 f"rebuild the shards"
             )
+    splits = _parse_splits(raw, path)
+    splits.update(_fold_splits(raw, splits, path))
     return Manifest(
         root=root,
         format_version=version,
@@ -246,8 +294,9 @@ def load_manifest(directory: str | Path) -> Manifest:
         tasks=_parse_tasks(raw, path),
         mean=tuple(float(v) for v in mean) if mean is not None else None,
         std=tuple(float(v) for v in std) if std is not None else None,
-        splits=_parse_splits(raw, path),
+        splits=splits,
         raw=raw,
+        num_folds=int((raw.get("folds") or {}).get("k", 0)),
     )
 
 
