@@ -202,14 +202,22 @@ class Predictor:
             path = write_nifti(out_dir / f"{name}_{head}.nii.gz", volume, study)
             entry["output"] = str(path)
             if study.kind == "dicom" and study.dicom_files:
-                from bigmodel.inference.dicom_seg import write_dicom_seg
-
-                seg = write_dicom_seg(out_dir / f"{name}_{head}.seg.dcm", volume, study, names)
-                if seg is not None:
-                    entry["dicom_seg"] = str(seg)
+                entry |= self._dicom_seg(out_dir / f"{name}_{head}.seg.dcm", volume, study, names)
         else:
             entry["output"] = str(write_png(out_dir / f"{name}_{head}.png", labels[0]))
         return entry
+
+    def _dicom_seg(self, path: Path, volume: np.ndarray, study: Study, names: list[str]) -> dict:
+        """The segmentation as DICOM SEG beside the NIfTI; a failure is reported, not fatal."""
+        from bigmodel.inference.dicom_seg import write_dicom_seg
+
+        try:
+            model_name = str(self.loaded.card.get("name") or "bigmodel")
+            return {"dicom_seg": str(write_dicom_seg(path, volume, study, names, model_name))}
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            # highdicom refuses series lacking attributes a SEG must reference (e.g. no frame
+            # of reference); the NIfTI output above is still valid.
+            return {"dicom_seg_error": f"{type(err).__name__}: {err}"}
 
     def _world(self, study: Study, points_zyx: np.ndarray) -> np.ndarray | None:
         """Voxel coordinates ``[..., (z, y, x)]`` -> world (RAS, mm) through the input's affine."""
