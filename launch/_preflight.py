@@ -1,0 +1,130 @@
+"""Checks run on the driver before Ray starts: every input mistake is one line and exit code 2.
+
+Without them a missing shard folder or a misspelt backbone starts Ray, the controller and the
+workers, and comes back as pages of tracebacks around the one useful sentence. Each check here
+reuses the library's own validation (``load_manifest``, ``resolve_config``, ``timm.is_model``,
+``resolve_pretrained_file``), so the driver and the workers cannot disagree about what is valid.
+
+Checks that need the data skip remote shard locations (``s3://...``): those are read on the
+workers only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bigmodel.config import Config, ConfigError
+
+__all__ = ["PreflightError", "check", "problems"]
+
+
+class PreflightError(ConfigError):
+    """One or more problems found before starting Ray; ``str()`` has one line per problem."""
+
+
+def _one_line(error: Exception) -> str:
+    """An error message folded onto one line (pydantic and manifest errors span several)."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+
+
+def _check_backbone(cfg: Config) -> list[str]:
+    import timm
+
+    from bigmodel.models import resolve_pretrained_file
+
+    backbone = cfg.model.backbone
+    if not timm.is_model(backbone.name):
+        stem = backbone.name.split(".")[0]
+        close = timm.list_models(f"*{stem[:12]}*")[:6] or timm.list_models(f"{stem[:4]}*")[:6]
+        hint = f"close names: {', '.join(close)}" if close else "see timm.list_models()"
+        return [f"model.backbone.name={backbone.name!r} is not a timm model ({hint})"]
+    if backbone.pretrained is not None:
+        try:
+            resolve_pretrained_file(backbone.pretrained, backbone.name)
+        except ConfigError as err:
+            return [_one_line(err)]
+    return []
+
+
+def _check_data(cfg: Config) -> list[str]:
+    """Shard folder, manifest, splits and their shard files, head targets in the manifest."""
+    from bigmodel.data import ManifestError, load_manifest, resolve_config
+    from bigmodel.models.build import HEAD_TARGETS
+
+    data = cfg.data
+    if not data.shards:
+        return ["data.shards is not set: point it at a folder from `bigmodel-shard build`"]
+    if "://" in data.shards and not data.shards.startswith("file://"):
+        return []  # remote: only the workers can read it
+    root = Path(data.shards.removeprefix("file://"))
+    if not root.is_dir():
+        return [
+            f"data.shards={data.shards!r}: no such folder; build it with `bigmodel-shard build "
+            f"--out {data.shards} ...` or fix the path"
+        ]
+    try:
+        manifest = load_manifest(root)
+    except (ManifestError, ConfigError, OSError) as err:
+        return [_one_line(err)]
+    found: list[str] = []
+    splits = [data.train_split]
+    if cfg.train.eval_every:
+        splits.append(data.val_split)
+    for split in splits:
+        try:
+            manifest.shard_paths(split)  # the split exists and every shard file is there
+        except (ManifestError, OSError) as err:
+            fix = " (or set train.eval_every=0)" if split == data.val_split else ""
+            found.append(_one_line(err) + fix)
+    for name, head in cfg.model.heads.items():
+        if head.target not in HEAD_TARGETS[head.type]:
+            found.append(
+                f"model.heads.{name}.target={head.target!r} cannot train a {head.type} head; "
+                f"allowed: {', '.join(HEAD_TARGETS[head.type])}"
+            )
+    if found:
+        return found
+    try:
+        resolve_config(cfg, manifest)  # head targets present, class counts and channels agree
+    except (ConfigError, ManifestError) as err:
+        return [_one_line(err)]
+    return []
+
+
+def _check_resources(cfg: Config, embedded: bool) -> list[str]:
+    """GPUs an embedded Ray would not have (a cluster's are checked once connected)."""
+    if not (embedded and cfg.cluster.use_gpu):
+        return []
+    import torch
+
+    need = cfg.cluster.num_workers * cfg.cluster.gpus_per_worker
+    have = torch.cuda.device_count()
+    if have < need:
+        return [
+            f"cluster.use_gpu=true needs {cfg.cluster.num_workers} x "
+            f"{cfg.cluster.gpus_per_worker:g} GPUs but this machine has {have}; set "
+            "cluster.use_gpu=false, lower cluster.num_workers, or pass a cluster address"
+        ]
+    return []
+
+
+def problems(cfg: Config, address: str | None = None) -> list[str]:
+    """Every problem found in ``cfg`` that would fail the run, one line each (empty: go).
+
+    ``cfg`` has its paths resolved (``launch.train.resolve_paths``); ``address`` is the
+    ``--address`` given, if any: without one (nor ``cluster.address``/``RAY_ADDRESS``) the run
+    starts an embedded Ray on this machine, whose GPUs are counted here.
+    """
+    embedded = not (address or cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    found = _check_backbone(cfg)
+    found += _check_data(cfg)
+    found += _check_resources(cfg, embedded)
+    return found
+
+
+def check(cfg: Config, address: str | None = None) -> None:
+    """Raise :class:`PreflightError` listing :func:`problems`, if there are any."""
+    found = problems(cfg, address)
+    if found:
+        raise PreflightError("\n".join(found))
