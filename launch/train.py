@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from bigmodel.config import Config, ConfigError, load_config
 from bigmodel.tracking import RUN_RECORD, check_tracking
-from launch import _folds, _ray_config
+from launch import _folds, _preflight, _ray_config
 from launch._worker import train_loop_per_worker
 
 __all__ = ["connect", "main", "resolve_paths", "run"]
@@ -192,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(resolve_paths(cfg).to_dict(), sort_keys=False), end="")
         return 0
+    try:  # input mistakes: one line each and exit 2, before Ray starts
+        first = _folds.fold_config(cfg, 0) if args.folds else cfg
+        _preflight.check(resolve_paths(first), args.address)
+    except ConfigError as err:
+        print("\n".join(f"bigmodel-train: {ln}" for ln in str(err).splitlines()), file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         if args.folds:
