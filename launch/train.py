@@ -39,13 +39,11 @@ def resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
-def connect(cfg: Config, address: str | None = None, extra_cpus: float = 0.0) -> bool:
+def connect(cfg: Config, address: str | None = None) -> bool:
     """Join the cluster at ``address`` / ``cluster.address`` / ``RAY_ADDRESS``, or start Ray here.
 
     Returns True when this call started an embedded Ray (the caller shuts it down). An already
-    initialised Ray (e.g. a test or notebook driver) is reused as it is. ``extra_cpus`` is
-    what the caller reserves besides the workers (``bigmodel-tune``'s trial processes), so an
-    embedded Ray is sized to hold both.
+    initialised Ray (e.g. a test or notebook driver) is reused as it is.
     """
     if ray.is_initialized():
         return False
@@ -53,7 +51,7 @@ def connect(cfg: Config, address: str | None = None, extra_cpus: float = 0.0) ->
     if address:
         ray.init(address=address, logging_level="WARNING")
         return False
-    need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + extra_cpus
+    need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
     # The embedded Ray may oversubscribe the CPUs (a laptop running a 2-worker config); it is
     # logical reservation only, the workers then share cores. GPUs are detected by Ray. The
     # dashboard process serves Ray's state API, which Ray Train uses to clean up after a
