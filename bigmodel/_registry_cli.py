@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -46,7 +47,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _headline(metrics: dict[str, float]) -> str:
-    names = [k for k in sorted(metrics) if k.startswith("val/") and k != "val/num_samples"]
+    """A few validation scores: no counts, no per-class entries (``auroc_0``)."""
+    names = [
+        k
+        for k in sorted(metrics)
+        if k.startswith("val/")
+        and k.rsplit("/", 1)[-1] not in ("count", "num_samples")
+        and not re.search(r"_\d+$", k)
+    ]
     return ", ".join(f"{k[4:]}={metrics[k]:.3f}" for k in names[:HEADLINE_METRICS])
 
 

@@ -64,10 +64,12 @@ class MlflowServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mlflow server exited:\n{self.log.read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"mlflow server did not come up:\n{self.log.read_text()[-3000:]}")
@@ -190,7 +192,9 @@ def test_promote_rollback_and_resolve_through_the_server(server, trained, tmp_pa
 def test_register_a_folder_and_refuse_a_broken_one(server, trained, tmp_path, capsys):
     uri = ["--uri", server.uri]
     model = trained[0] / "model"
-    assert registry_main([*uri, "register", str(model), "--name", "copy", "--alias", "staging"]) == 0
+    assert (
+        registry_main([*uri, "register", str(model), "--name", "copy", "--alias", "staging"]) == 0
+    )
     assert "models:/copy/1 as @staging" in capsys.readouterr().out
     client = MlflowClient(server.uri, server.uri)
     runs_before = len(client.search_runs([client.get_experiment_by_name("bigmodel").experiment_id]))
@@ -213,7 +217,9 @@ def test_tracking_off_never_imports_mlflow():
         "import sys, launch.train, launch._worker, bigmodel.tracking;"
         "sys.exit(1 if 'mlflow' in sys.modules else 0)"
     )
-    assert subprocess.run([sys.executable, "-c", code], env=clean_env(), timeout=120).returncode == 0
+    assert (
+        subprocess.run([sys.executable, "-c", code], env=clean_env(), timeout=120).returncode == 0
+    )
 
 
 def test_stopped_server_is_one_clear_error(server, shards, tmp_path, capsys):
