@@ -35,7 +35,7 @@ def build_demo_shards(root: Path, layout: str = "2d", patients: int = 6) -> Path
     return out
 
 
-def tiny_config(shards: Path, heads: dict | None = None) -> Config:
+def tiny_config(shards: Path, heads: dict | None = None, image_size: int = IMAGE_SIZE) -> Config:
     """test_resnet backbone with classification + segmentation + retrieval heads."""
     heads = heads or {
         "diagnosis": {"type": "classification", "target": "cls"},
@@ -44,15 +44,17 @@ def tiny_config(shards: Path, heads: dict | None = None) -> Config:
     }
     raw = {
         "name": "tiny",
-        "data": {"shards": str(shards), "image_size": IMAGE_SIZE, "batch_size": 4},
+        "data": {"shards": str(shards), "image_size": image_size, "batch_size": 4},
         "model": {"backbone": {"name": "test_resnet"}, "heads": heads},
     }
     return resolve_config(config_from_dict(raw), load_manifest(shards))
 
 
-def make_model_folder(shards: Path, out: Path, heads: dict | None = None, seed: int = 0):
+def make_model_folder(
+    shards: Path, out: Path, heads: dict | None = None, seed: int = 0, image_size: int = IMAGE_SIZE
+):
     """A model folder from an untrained (seeded) model; returns (folder, in-memory model)."""
-    cfg = tiny_config(shards, heads)
+    cfg = tiny_config(shards, heads, image_size)
     torch.manual_seed(seed)
     model = build_model(cfg.model).eval()
     # Non-trivial BatchNorm statistics, so eval-mode behaviour is actually exercised.
