@@ -78,8 +78,12 @@ _HISTORY_TAG = "bigmodel.alias_history."
 _HISTORY_KEEP = 50
 
 
-class RegistryError(RuntimeError):
-    """The registry or tracking server cannot do what was asked; the message names the setting."""
+class RegistryError(ValueError):
+    """The registry or tracking server cannot do what was asked; the message names the setting.
+
+    A ``ValueError`` like the project's other input errors, so every CLI that takes a
+    ``models:/`` reference prints it as one line and exits 2.
+    """
 
 
 # --------------------------------------------------------------------------------------------

@@ -162,15 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bigmodel-predict: input {missing[0]} does not exist", file=sys.stderr)
         return 2
     try:  # a bad model is one line here, not an actor crash on every node
-        if args.model.startswith("models:/"):
-            from bigmodel.registry import RegistryError, resolve_model_uri
-
-            try:
-                resolve_model_uri(args.model)
-            except RegistryError as err:
-                raise ValueError(str(err)) from None
-        else:
-            load_model(args.model)
+        load_model(args.model)  # models:/ references are resolved (and cached) here too
     except (ModelFolderError, FileNotFoundError, ValueError) as err:
         print(f"bigmodel-predict: {err}", file=sys.stderr)
         return 2

@@ -19,10 +19,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import BIN, clean_env, free_port
 from mlflow import MlflowClient
+from PIL import Image
 from safetensors.torch import load_file
 from test_data_pipeline import write_dataset
 
@@ -31,6 +33,7 @@ from bigmodel._registry_cli import main as registry_main
 from bigmodel.config import ConfigError, config_from_dict
 from bigmodel.engine import LocalSession, train
 from bigmodel.inference.model_folder import file_sha256, load_model
+from bigmodel.inference.predict import main as predict_main
 from bigmodel.tracking import RUN_RECORD, check_tracking, tracked
 
 TASKS = {"cls": {"type": "multiclass", "classes": ["normal", "lesion"]}}
@@ -189,6 +192,19 @@ def test_promote_rollback_and_resolve_through_the_server(server, trained, tmp_pa
     assert "manifest_sha256" in capsys.readouterr().out
 
 
+def test_predict_loads_models_alias_through_the_server(server, trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("BIGMODEL_MODEL_CACHE", str(tmp_path / "cache"))
+    image = tmp_path / "scan.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8)).save(image)
+    assert (
+        predict_main(["models:/tiny@production", str(image), "--out", str(tmp_path / "out")]) == 0
+    )
+    summary = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert summary["model"].startswith(str(tmp_path / "cache"))
+    assert set(summary["heads"]["diag"]["probabilities"]) == {"normal", "lesion"}
+
+
 def test_register_a_folder_and_refuse_a_broken_one(server, trained, tmp_path, capsys):
     uri = ["--uri", server.uri]
     model = trained[0] / "model"
@@ -222,7 +238,7 @@ def test_tracking_off_never_imports_mlflow():
     )
 
 
-def test_stopped_server_is_one_clear_error(server, shards, tmp_path, capsys):
+def test_stopped_server_is_one_clear_error(server, shards, tmp_path, capsys, monkeypatch):
     server.stop()
     cfg = _config(shards, tmp_path, "down", server.uri)
     with pytest.raises(ConfigError) as err:
@@ -235,3 +251,13 @@ def test_stopped_server_is_one_clear_error(server, shards, tmp_path, capsys):
     assert "not reachable" in err_line and server.uri in err_line and "\n" not in err_line
     with pytest.raises(registry.RegistryError, match="not reachable"):
         registry.resolve_model_uri("models:/tiny@production", server.uri, tmp_path / "c")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    assert (
+        predict_main(
+            ["models:/tiny@production", str(tmp_path / "x.png"), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    err_line = capsys.readouterr().err.strip()
+    assert "not reachable" in err_line and "\n" not in err_line
+    assert not (tmp_path / "o").exists()  # nothing half-written
