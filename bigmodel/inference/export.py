@@ -242,13 +242,14 @@ def export(
     formats: Sequence[str] = FORMATS,
     config: str | None = None,
     shards: str | None = None,
-    log: Any = print,
+    log: Any = None,
 ) -> dict:
     """Write the export of ``source`` into ``out`` (atomically); returns the export report.
 
     Raises:
         ExportError: the source cannot be read, or an exported graph does not match eager.
     """
+    log = log or (lambda line: print(line, file=sys.stderr))
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ExportError(f"--format {','.join(unknown)}: unknown; choose from {FORMATS}")
