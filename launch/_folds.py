@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,12 @@ def cross_validate(cfg: Config, run_fold: Callable[[Config], dict[str, Any]]) ->
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A table: one row per validation figure, one column per fold, then mean ± std."""
-    names = [n for n in summary["mean"] if n != "val/num_samples"]
+    # scores only: counts and per-class entries (``auroc_0``) stay in summary.json
+    names = [
+        n
+        for n in summary["mean"]
+        if n.rsplit("/", 1)[-1] not in ("count", "num_samples") and not re.search(r"_\d+$", n)
+    ]
     header = ["figure", *[f"fold {f['fold']}" for f in summary["folds"]], "mean ± std"]
     rows = [
         [
@@ -115,7 +121,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"bigmodel-train: {summary['k']}-fold cross-validation of {summary['name']!r}",
         *(
-            "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+            ("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))).rstrip()
             for r in [header, *rows]
         ),
         f"  summary: {summary['path']}",
