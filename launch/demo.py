@@ -7,7 +7,10 @@
 3. ``bigmodel-train configs/demo.yaml``: 2 Ray Train workers on an embedded Ray, DeepSpeed
    ZeRO-2, one backbone with classification + segmentation + retrieval heads, evaluated on the
    validation split every epoch, checkpoints reported to Ray Train, the final model saved;
-4. the saved model is loaded back and evaluated on the held-out test split.
+4. the saved model is loaded back and evaluated on the held-out test split on whole images
+   (``bigmodel-eval``: figures with bootstrap intervals, tables and plots);
+5. it predicts on the real NIfTI volume (``bigmodel-predict``): a label volume in the input's
+   space and a JSON summary.
 """
 
 from __future__ import annotations
@@ -21,13 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from bigmodel.config import load_config
-from bigmodel.data import load_manifest, make_eval_loader
-from bigmodel.metrics import build_metrics
-from bigmodel.models import build_model
+from bigmodel.inference.evaluate import evaluate_model
+from bigmodel.inference.predict import Predictor
 from launch import train as train_cli
 from launch._demo_data import MASK_CLASSES, write_demo_source
 
@@ -36,7 +35,7 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 
 def _banner(step: int, text: str) -> None:
-    print(f"\n=== [{step}/4] {text}", flush=True)
+    print(f"\n=== [{step}/5] {text}", flush=True)
 
 
 def _shard_command() -> list[str]:
@@ -100,18 +99,17 @@ def build_demo_shards(out: Path, world_size: int, loader_workers: int) -> Path:
     return shards
 
 
-@torch.no_grad()
-def evaluate_saved_model(model_dir: Path, shards: Path, split: str = "test") -> dict[str, float]:
-    """Step 4: load ``model/`` (safetensors + resolved config) and score it on ``split``."""
-    cfg = load_config(model_dir / "config.yaml")
-    model = build_model(cfg.model)
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-    model.eval()
-    manifest = load_manifest(shards)
-    metrics = build_metrics(cfg.model)
-    for batch in make_eval_loader(cfg, manifest, rank=0, world_size=1, split=split):
-        metrics.update(model(batch["image"])["outputs"], batch)
-    return metrics.compute()
+def evaluate_saved_model(
+    model_dir: Path, shards: Path, out: Path, split: str = "test"
+) -> dict[str, float]:
+    """Step 4: ``bigmodel-eval``'s library call on ``model/``: whole-image figures on ``split``,
+    with the report (intervals, tables, plots) written into ``out``."""
+    return evaluate_model(model_dir, shards, out, split=split, bootstrap=200)["metrics"]
+
+
+def predict_real_volume(model_dir: Path, volume: Path, out: Path) -> dict:
+    """Step 5: ``bigmodel-predict``'s library call on a real NIfTI volume."""
+    return Predictor(model_dir).predict_file(volume, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,13 +144,20 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner(4, "evaluation of the saved model on the held-out test split")
     run_dir = runs / cfg.name
-    results = evaluate_saved_model(run_dir / "model", shards)
+    results = evaluate_saved_model(run_dir / "model", shards, run_dir / "eval")
     for key in sorted(results):
         print(f"  test/{key:32s} {results[key]:.4f}")
     report = run_dir / "test_metrics.json"
     tmp = report.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
     tmp.replace(report)
+
+    volume = out / "source" / "anatomical.nii"
+    _banner(5, f"prediction on a real NIfTI volume: bigmodel-predict {run_dir / 'model'} {volume}")
+    prediction = predict_real_volume(run_dir / "model", volume, out / "predictions")
+    for head, entry in prediction["heads"].items():
+        shown = entry.get("probabilities") or entry.get("volumes_ml") or {}
+        print(f"  {head:10s} {entry['type']:15s} {shown}")
 
     print(f"\nDone in {time.perf_counter() - start:.0f} s. Results:")
     print(f"  shards + manifest:    {shards} (dataset.json), sample grid {out / 'samples.png'}")
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         f"  saved model:          {run_dir / 'model'} (model.safetensors, config.yaml, model_card.json)"
     )
     print(f"  test metrics:         {run_dir / 'test_metrics.json'}")
+    print(f"  evaluation report:    {run_dir / 'eval' / 'report.json'} (+ tables, PNG plots)")
+    organs = prediction["heads"]["organs"]["output"]
+    print(f"  NIfTI prediction:     {organs}, {prediction['summary_file']}")
     return 0
 
 
