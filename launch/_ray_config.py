@@ -23,6 +23,7 @@ from ray.train.torch import TorchConfig
 
 from bigmodel.config import Config, ConfigError
 from launch._progress import ProgressPrinter
+from launch._worker import StopOnDeterministicError
 
 # URI schemes that every node of a cluster reaches the same way (pyarrow / fsspec filesystems).
 SHARED_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs", "viewfs")
@@ -115,7 +116,12 @@ def run_config(cfg: Config, callbacks: list[UserCallback] | None = None) -> RunC
         checkpoint_config=CheckpointConfig(),
         worker_runtime_env={"env_vars": env} if env else None,
         # One compact line per report from ProgressPrinter instead of Ray's per-rank INFO dumps.
-        callbacks=[ProgressPrinter(cfg.cluster.max_failures), *(callbacks or [])],
+        # StopOnDeterministicError first: a config/data error ends the run without a restart.
+        callbacks=[
+            StopOnDeterministicError(),
+            ProgressPrinter(cfg.cluster.max_failures),
+            *(callbacks or []),
+        ],
         logging_config=LoggingConfig(log_level="WARNING"),
     )
 

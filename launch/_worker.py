@@ -1,19 +1,37 @@
-"""What every Ray Train worker runs: rebuild the config, record who it is, call the engine."""
+"""What every Ray Train worker runs: rebuild the config, record who it is, call the engine.
+
+Failures: every worker writes its full traceback to ``{output_dir}/{name}/logs/rank{R}.log``, and
+the driver prints one line naming the error and that file (:func:`failure_summary`). Errors that a
+restart would only repeat (a config the data contradicts, a damaged shard, an undecodable sample)
+are raised as :class:`DeterministicError`, which :class:`StopOnDeterministicError` turns into a
+controller error on the Ray Train controller: Ray Train V2's failure policy retries worker-group
+errors up to ``FailureConfig.max_failures`` whatever the exception, and has no per-exception
+setting, but it never retries a controller error raised by a callback, so these runs stop at once
+without consuming ``cluster.max_failures``.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import socket
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
-from bigmodel.config import Config, config_from_dict
+from ray.train import UserCallback
+
+from bigmodel.config import Config, ConfigError, config_from_dict
+from bigmodel.data import ManifestError, SampleError
 from bigmodel.engine.session import Session
 from bigmodel.tracking import tracked
 from launch.session import RaySession
+
+# When this process first wrote its worker file (Unix time), by pid.
+_STARTED: dict[int, float] = {}
 
 
 def worker_file(cfg: Config, rank: int) -> Path:
@@ -21,10 +39,12 @@ def worker_file(cfg: Config, rank: int) -> Path:
     return Path(cfg.train.output_dir) / cfg.name / "workers" / f"rank{rank}.json"
 
 
-def write_worker_file(cfg: Config, session: Session) -> Path:
+def write_worker_file(cfg: Config, session: Session, **extra: Any) -> Path:
     """Record this worker's pid and host, so operators (and tests) can find and signal it.
 
-    Rewritten by each attempt: after a restart the file names the new process.
+    Rewritten by each attempt: after a restart the file names the new process. ``extra``
+    entries (e.g. ``finished``, a Unix time) are added; ``started`` is kept from the first write
+    of this process.
     """
     path = worker_file(cfg, session.rank)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +54,8 @@ def write_worker_file(cfg: Config, session: Session) -> Path:
         "world_size": session.world_size,
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "started": time.time(),
+        "started": _STARTED.setdefault(os.getpid(), time.time()),
+        **extra,
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(info))
@@ -67,5 +88,132 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"], source="bigmodel-train driver")
     session = RaySession()
     write_worker_file(cfg, session)
-    with tracked(cfg, session) as session:  # MLflow on rank 0 when tracking.enabled
-        train(cfg, session)
+    try:
+        with tracked(cfg, session) as session:  # MLflow on rank 0 when tracking.enabled
+            train(cfg, session)
+    except DETERMINISTIC_ERRORS as err:
+        log = _write_traceback(cfg, session.rank)
+        raise DeterministicError(f"{type(err).__name__}: {_one_line(err)}", str(log)) from None
+    except BaseException:
+        _write_traceback(cfg, session.rank)
+        raise
+    write_worker_file(cfg, session, finished=time.time())
+
+
+# Errors a restart would repeat: the config or the data is wrong, not the machine.
+DETERMINISTIC_ERRORS = (ConfigError, ManifestError, SampleError)
+
+
+class DeterministicError(RuntimeError):
+    """A worker failure that a restart would repeat; carries the worker's log file."""
+
+    def __init__(self, message: str, log_path: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_path = log_path
+
+    def __reduce__(self):  # crosses process boundaries (worker -> controller -> driver)
+        return (self.__class__, (self.message, self.log_path))
+
+
+class StopOnDeterministicError(UserCallback):
+    """On the controller: end the run at the first :class:`DeterministicError` (no restart).
+
+    Raising from a callback makes the controller fail with a ``ControllerError`` that the
+    default failure policy does not retry; the driver's ``fit()`` raises it.
+    """
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for _, error in sorted(worker_exceptions.items()):
+            if isinstance(error, DeterministicError):
+                raise error
+
+
+def worker_log(cfg: Config, rank: int) -> Path:
+    """``{output_dir}/{name}/logs/rank{rank}.log``: the full traceback of a failed worker."""
+    return Path(cfg.train.output_dir) / cfg.name / "logs" / f"rank{rank}.log"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:500]
+
+
+def _write_traceback(cfg: Config, rank: int) -> Path:
+    """Append the exception being handled, with a timestamp and pid, to this rank's log."""
+    path = worker_log(cfg, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(f"--- {stamp} rank {rank} pid {os.getpid()} failed:\n{traceback.format_exc()}\n")
+    return path
+
+
+def failure_summary(error: Exception, cfg: Config) -> str:
+    """One line for the driver: what failed, on which rank, whether it was retried, the log."""
+    cause = getattr(error, "controller_failure", None)
+    if isinstance(cause, DeterministicError):
+        return (
+            f"training failed: {cause.message} (not retried: a restart would fail the same "
+            f"way; fix the input and rerun); full traceback: {cause.log_path}"
+        )
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank, first = min(failures.items())
+        others = f" (and {len(failures) - 1} more rank(s))" if len(failures) > 1 else ""
+        retries = cfg.cluster.max_failures
+        return (
+            f"training failed on rank {rank}{others}: {type(first).__name__}: "
+            f"{_one_line(first)[-300:]} (after {retries} restart(s) allowed by "
+            f"cluster.max_failures); full traceback: {worker_log(cfg, rank)}"
+        )
+    return (
+        f"training failed: {_innermost_error(cause or error)}; Ray's messages and the workers' "
+        f"tracebacks: {worker_log(cfg, 0).parent}"
+    )
+
+
+def _innermost_error(error: BaseException) -> str:
+    """The last ``SomeError: message`` line of an error's text (Ray nests tracebacks in it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", line)]
+    return (named[-1] if named else f"{type(error).__name__}: {lines[0] if lines else ''}")[:400]
+
+
+# Lines from Ray's processes (controller, workers) that the driver's console shows; the rest
+# (Ray's own tracebacks and warnings, third-party import chatter) go to logs/ray_console.log.
+CONSOLE_PREFIXES = ("bigmodel",)
+
+
+def route_ray_console(log_dir: Path) -> Path | None:
+    """Show only bigmodel's own lines from Ray's processes on this console; log every line.
+
+    Ray forwards every worker's and the controller's stdout/stderr to the driver, so one failing
+    worker prints pages (its traceback, Ray's actor errors, faiss and DeepSpeed loading
+    messages). Ray has no public filter for that stream: this wraps the handler ``ray.init``
+    registers on ``ray._private.worker.global_worker_stdstream_dispatcher``. Set
+    ``BIGMODEL_RAY_CONSOLE=all`` to see everything. Returns the log file (None: unchanged).
+    """
+    if os.environ.get("BIGMODEL_RAY_CONSOLE", "").lower() == "all":
+        return None
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    handlers = dict(dispatcher.handlers)
+    original = handlers.get("ray_print_logs")
+    if original is None or getattr(original, "_bigmodel_log", None):
+        return getattr(original, "_bigmodel_log", None)
+    path = log_dir / "ray_console.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def handler(data: dict[str, Any]) -> None:
+        source = data.get("actor_name") or data.get("task_name") or f"pid={data.get('pid')}"
+        with path.open("a") as f:
+            f.writelines(f"({source}) {line}\n" for line in data.get("lines", ()))
+        keep = [line for line in data.get("lines", ()) if line.startswith(CONSOLE_PREFIXES)]
+        if keep:
+            original({**data, "lines": keep})
+
+    handler._bigmodel_log = path
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handler)
+    return path

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from bigmodel.config import load_config
+from bigmodel.data import load_manifest
 from bigmodel.inference.evaluate import evaluate_model
 from bigmodel.inference.predict import Predictor
 from launch import train as train_cli
@@ -99,6 +100,39 @@ def build_demo_shards(out: Path, world_size: int, loader_workers: int) -> Path:
     return shards
 
 
+# What each headline figure means, in one line (per-class figures are named by their class).
+MEANINGS = {
+    "accuracy": "share of test slices whose predicted diagnosis is right",
+    "balanced_accuracy": "accuracy averaged over the diagnoses (0.5 = chance for two)",
+    "auroc": "how well the scores rank lesion above normal (0.5 = chance, 1 = perfect)",
+    "dice_mean": "mask overlap 2|P&T|/(|P|+|T|), mean over foreground classes (1 = perfect)",
+    "iou_mean": "mask intersection over union, mean over foreground classes",
+    "recall@1": "share of slices whose nearest other slice is from the same patient",
+    "recall@5": "... within the 5 nearest slices",
+    "recall@10": "... within the 10 nearest slices",
+    "map@r": "mean average precision of same-patient slices among the R nearest",
+    "count": "slices scored (pixels for segmentation)",
+}
+
+
+def format_results(results: dict[str, float], manifest) -> str:
+    """``test/<head>/<figure>  value  meaning`` per line; per-class figures named by class."""
+    lines = []
+    for key in sorted(results):
+        head, _, figure = key.rpartition("/")
+        base, _, index = figure.rpartition("_")
+        meaning = MEANINGS.get(figure, "")
+        if not meaning and index.isdigit() and base in ("dice", "iou", "auroc"):
+            task = "mask" if base in ("dice", "iou") else "cls"
+            classes = manifest.tasks[task].classes if task in manifest.tasks else ()
+            name = classes[int(index)] if int(index) < len(classes) else index
+            meaning = f"{base} of class {name!r} alone"
+        value = results[key]
+        shown = f"{value:10.0f}" if figure == "count" else f"{value:10.4f}"
+        lines.append(f"  test/{key:28s}{shown}  {meaning}")
+    return "\n".join(lines)
+
+
 def evaluate_saved_model(
     model_dir: Path, shards: Path, out: Path, split: str = "test"
 ) -> dict[str, float]:
@@ -145,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     _banner(4, "evaluation of the saved model on the held-out test split")
     run_dir = runs / cfg.name
     results = evaluate_saved_model(run_dir / "model", shards, run_dir / "eval")
-    for key in sorted(results):
-        print(f"  test/{key:32s} {results[key]:.4f}")
+    print(format_results(results, load_manifest(shards)))
     report = run_dir / "test_metrics.json"
     tmp = report.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True))

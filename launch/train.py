@@ -25,7 +25,12 @@ from ray.train.torch import TorchTrainer
 from bigmodel.config import Config, ConfigError, load_config
 from bigmodel.tracking import RUN_RECORD, check_tracking
 from launch import _folds, _preflight, _ray_config
-from launch._worker import train_loop_per_worker
+from launch._worker import (
+    DeterministicError,
+    failure_summary,
+    route_ray_console,
+    train_loop_per_worker,
+)
 
 __all__ = ["connect", "main", "resolve_paths", "run"]
 
@@ -99,6 +104,7 @@ def run(cfg: Config, address: str | None = None) -> Result:
     if cfg.tracking.enabled:
         check_tracking(cfg)  # a down MLflow server fails here, before any Ray or GPU time
     started = connect(cfg, address)
+    route_ray_console(Path(cfg.train.output_dir) / cfg.name / "logs")  # bigmodel lines only
     try:
         _ray_config.check_storage(cfg, ray.nodes())
         return build_trainer(cfg).fit()
@@ -206,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigmodel-train: {err}", file=sys.stderr)
         return 2
     except ray.train.TrainingFailedError as err:
-        print(f"bigmodel-train: training failed: {err}", file=sys.stderr)
-        return 1
+        print(f"bigmodel-train: {failure_summary(err, resolve_paths(cfg))}", file=sys.stderr)
+        return 2 if isinstance(getattr(err, "controller_failure", None), DeterministicError) else 1
     print(_summary(resolve_paths(cfg), result, time.perf_counter() - start))
     return 0
 
