@@ -32,9 +32,9 @@ import torch
 from bigmodel.data import Manifest, ManifestError, collate, load_manifest
 from bigmodel.inference import _plots
 from bigmodel.inference.files import atomic_write, write_json
+from bigmodel.inference.forward import forward
 from bigmodel.inference.model_folder import LoadedModel, ModelFolderError, load_model
 from bigmodel.inference.preprocess import normalize
-from bigmodel.inference.window import whole_image_outputs
 from bigmodel.metrics import HEAD_METRICS, build_metrics
 
 __all__ = ["EvalError", "evaluate_model", "main"]
@@ -71,7 +71,11 @@ def _check_fit(loaded: LoadedModel, manifest: Manifest) -> None:
 
 
 def _samples(manifest: Manifest, split: str) -> Iterator[dict[str, Any]]:
-    """Decoded samples of ``split`` in manifest order: raw whole images and their labels."""
+    """Decoded samples of ``split`` in manifest order: raw whole images and their labels.
+
+    Read with the training decoder (``SampleDecoder``) but without its crop: every pixel of
+    every image is kept.
+    """
     import webdataset as wds
 
     from bigmodel.data._decode import SampleDecoder, png_handler
@@ -88,18 +92,30 @@ def _samples(manifest: Manifest, split: str) -> Iterator[dict[str, Any]]:
     return iter(pipeline)
 
 
-def _batches(samples: Iterator[dict], batch_size: int) -> Iterator[dict[str, Any]]:
-    """Consecutive samples of one image size, up to ``batch_size``, collated."""
+def _batches(samples: Iterator[dict], batch_size: int, prep) -> Iterator[dict[str, Any]]:
+    """Consecutive samples of one image size, up to ``batch_size``, collated.
+
+    ``batch["normalised"]`` holds the images after the training-time intensity transform,
+    applied per sample (a ``ct_window`` model reads each sample's own DICOM window); ``image``
+    keeps the raw values for the pictures.
+    """
     pending: list[dict] = []
     for sample in samples:
+        sample["normalised"] = normalize(sample["image"], prep, sample.get("window"))
         if pending and (
             len(pending) == batch_size or sample["image"].shape != pending[0]["image"].shape
         ):
-            yield collate(pending)
+            yield _collate(pending)
             pending = []
         pending.append(sample)
     if pending:
-        yield collate(pending)
+        yield _collate(pending)
+
+
+def _collate(samples: list[dict]) -> dict[str, Any]:
+    batch = collate(samples)
+    batch["normalised"] = torch.stack([s["normalised"] for s in samples])
+    return batch
 
 
 # ------------------------------------------------------------------------------ records
@@ -384,10 +400,8 @@ def evaluate_model(
     rec = _Records(loaded)
     bar = tqdm(total=total, desc=f"eval {split}", unit="img", disable=not progress)
     with torch.inference_mode():
-        for batch in _batches(_samples(manifest, split), batch_size):
-            outputs = whole_image_outputs(
-                loaded.model, normalize(batch["image"], prep), prep.image_size
-            )
+        for batch in _batches(_samples(manifest, split), batch_size, prep):
+            outputs = forward(loaded.model, batch["normalised"], prep)
             metrics.update(outputs, batch)
             rec.add(outputs, batch)
             bar.update(len(batch["key"]))
@@ -504,10 +518,8 @@ def _overlays(loaded, manifest, split, head, keys, sample_dice, classes, out: Pa
     prep = loaded.preprocessing
     for label, index in picks.items():
         sample = samples[keys[index]]
-        with torch.inference_mode():
-            logits = whole_image_outputs(
-                loaded.model, normalize(sample["image"][None], prep), prep.image_size
-            )[head]
+        images = normalize(sample["image"][None], prep, sample.get("window"))
+        logits = forward(loaded.model, images, prep)[head]
         pred = logits.argmax(dim=1)[0].numpy()
         mask = sample[cfg.target].numpy()
         cases.append(

@@ -60,6 +60,8 @@ class Study:
     """The NIfTI header of the input (kept for the output's qform/sform codes)."""
     dicom_files: list[str] = field(default_factory=list)
     """DICOM: the series' files in slice order (for DICOM SEG)."""
+    window: dict[str, Any] | None = None
+    """DICOM: the display window the file carries (``{"center", "width"}``), if any."""
 
     @property
     def is_volume(self) -> bool:
@@ -169,15 +171,17 @@ def _read_dicom_series(path: Path) -> Study:
         spacing=spacing,
         affine=_dicom_affine(files[0], spacing),
         dicom_files=files,
+        window=volume.meta.get("window"),
     )
 
 
 def _read_dicom_file(path: Path) -> Study:
     from sharding.readers.dicom import read_dicom_file
 
-    image, spacing, _ = read_dicom_file(str(path))
+    image, spacing, meta = read_dicom_file(str(path))
+    window = meta.get("window")
     if image.ndim == 3:
-        return Study(path=path, kind="dicom", image=image, spacing=tuple(spacing))
+        return Study(path=path, kind="dicom", image=image, spacing=tuple(spacing), window=window)
     return Study(
         path=path,
         kind="dicom",
@@ -185,6 +189,7 @@ def _read_dicom_file(path: Path) -> Study:
         spacing=tuple(spacing),
         affine=_dicom_affine(str(path), tuple(spacing)),
         dicom_files=[str(path)],
+        window=window,
     )
 
 

@@ -30,6 +30,7 @@ from bigmodel.inference.files import (
     write_nifti,
     write_png,
 )
+from bigmodel.inference.forward import forward
 from bigmodel.inference.model_folder import LoadedModel, ModelFolderError, load_model
 from bigmodel.inference.preprocess import (
     AXES,
@@ -38,7 +39,6 @@ from bigmodel.inference.preprocess import (
     normalize,
     slice_volume,
 )
-from bigmodel.inference.window import whole_image_outputs
 
 __all__ = ["Predictor", "main"]
 
@@ -69,8 +69,16 @@ class Predictor:
 
     # ------------------------------------------------------------------ arrays
 
-    def predict_arrays(self, images: np.ndarray | torch.Tensor, progress: Any = None) -> dict:
+    def predict_arrays(
+        self,
+        images: np.ndarray | torch.Tensor,
+        progress: Any = None,
+        window: dict[str, Any] | None = None,
+    ) -> dict:
         """Raw images ``[N, C, H, W]`` (as stored in the shards) -> numpy outputs per head.
+
+        ``window`` is the images' DICOM window (``{"center", "width"}``), needed only by models
+        trained with ``data.intensity=ct_window`` without a fixed window.
 
         Returns ``{head: value}``: classification probabilities ``[N, K]`` (softmax, or sigmoid
         for multi-label), segmentation label maps ``[N, H, W]`` (uint8, argmax of the logits),
@@ -87,9 +95,9 @@ class Predictor:
             )
         parts: dict[str, list[Any]] = {name: [] for name in self.heads}
         for start in range(0, images.shape[0], self.batch_size):
-            batch = normalize(images[start : start + self.batch_size].to(self.device), self.prep)
-            with torch.inference_mode():
-                outputs = whole_image_outputs(self.model, batch, self.prep.image_size)
+            raw = images[start : start + self.batch_size].to(self.device)
+            batch = normalize(raw, self.prep, window)
+            outputs = forward(self.model, batch, self.prep)
             for name, out in outputs.items():
                 parts[name].append(self._postprocess(name, out))
             if progress is not None:
@@ -122,7 +130,7 @@ class Predictor:
         if not study.is_volume:
             if self.prep.context:
                 raise InputError(
-                    f"{file}: a 2D image, but the model is 2.5D (it reads {self.prep.window} "
+                    f"{file}: a 2D image, but the model is 2.5D (it reads {self.prep.slices_per_sample} "
                     f"neighbouring slices); give it a volume"
                 )
             return study.image[None]
@@ -139,7 +147,7 @@ class Predictor:
         started = time.perf_counter()
         study = read_study(path)
         samples = self.samples_of(study)
-        outputs = self.predict_arrays(samples, progress=progress)
+        outputs = self.predict_arrays(samples, progress=progress, window=study.window)
         out_dir = Path(out_dir)
         name = study_name(study.path)
         summary: dict[str, Any] = {

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from bigmodel.config import Config
-from bigmodel.data.manifest import Manifest
+from bigmodel.data.intensity import IntensitySpec, apply_intensity
+from bigmodel.data.manifest import Manifest, data_intensity
 
 __all__ = [
     "PREPROCESSING",
@@ -69,10 +70,11 @@ class Preprocessing:
     head_types: dict[str, str]
     channel_names: tuple[str, ...] = ()
     intensity: dict[str, Any] | None = None
-    """The intensity scheme of ``data.intensity`` (CT window/percentile clip, MR z-score) with
-    the statistics it needs, when the config has one."""
-    resize: str | None = None
-    """``data.resize`` policy when the config has one (None: native resolution)."""
+    """``data.intensity`` resolved against the manifest (``IntensitySpec``: CT percentile clip +
+    z-score, CT window, MR per-image z-score, dataset z-score) with the statistics it needs."""
+    resize: str = "none"
+    """``data.resize``: ``none`` (native resolution, sliding windows) or ``fit`` (longer side
+    scaled to ``image_size``, padded to a square)."""
     spacing: list[float] | None = None
     """In-plane spacing the data was resampled to, when it was (None: native spacing)."""
     dataset: str = ""
@@ -83,7 +85,7 @@ class Preprocessing:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def window(self) -> int:
+    def slices_per_sample(self) -> int:
         """Slices per sample along the slicing axis (``2 * context + 1``)."""
         return 2 * self.context + 1
 
@@ -126,8 +128,8 @@ def preprocessing_from(cfg: Config, manifest: Manifest) -> Preprocessing:
         classes[name] = list(task.classes) if task is not None else []
     data = cfg.data
     use_stats = data.normalize == "manifest"
-    intensity = getattr(data, "intensity", None)
-    resize = getattr(data, "resize", None)
+    # The scheme resolved against this manifest, exactly as the training loader resolves it.
+    intensity = data_intensity(cfg, manifest)
     return Preprocessing(
         in_chans=in_chans,
         source_channels=in_chans // (2 * context + 1),
@@ -141,21 +143,12 @@ def preprocessing_from(cfg: Config, manifest: Manifest) -> Preprocessing:
         classes=classes,
         head_types={name: head.type for name, head in cfg.model.heads.items()},
         channel_names=manifest.image.channel_names,
-        intensity=_jsonable(intensity),
-        resize=None if resize is None else str(_jsonable(resize)),
+        intensity=intensity.to_dict() if intensity is not None else None,
+        resize=data.resize,
         spacing=raw.get("spacing"),
         dataset=manifest.name,
         image_encoding=manifest.image.encoding,
     )
-
-
-def _jsonable(value: Any) -> Any:
-    """A config section (pydantic model) or plain value as JSON-ready data."""
-    if value is None:
-        return None
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    return value
 
 
 def check_channels(image: np.ndarray, prep: Preprocessing, file: str) -> None:
@@ -184,18 +177,20 @@ def slice_volume(volume: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(stacked.reshape(n, -1, *stacked.shape[3:]))
 
 
-def normalize(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """The training-time intensity transform of float images ``[..., C, H, W]``.
+def normalize(
+    images: torch.Tensor, prep: Preprocessing, window: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """The training-time intensity transform of raw images ``[..., C, H, W]``.
 
-    With an intensity scheme in the record it is applied by ``bigmodel.data.intensity`` (the
-    code training used); otherwise the manifest's per-channel z-score, as the training loader's
-    ``SampleTransform`` does (a zero std divides by 1).
+    With an intensity scheme in the record (CT clip + z-score, CT window, MR per-image z-score,
+    dataset z-score) it is ``bigmodel.data.intensity.apply_intensity``, the function the training
+    loader calls; ``window`` is the image's DICOM window (for ``ct_window`` without a fixed one).
+    Model folders written before intensity schemes existed get the manifest z-score they were
+    trained with (a zero std divides by 1).
     """
     images = images.float()
     if prep.intensity is not None:
-        from bigmodel.data import intensity as intensity_lib
-
-        return intensity_lib.apply_record(images, prep.intensity)
+        return apply_intensity(images, IntensitySpec.from_dict(prep.intensity), window)
     if prep.normalize != "manifest" or prep.mean is None or prep.std is None:
         return images
     mean = torch.tensor(prep.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
