@@ -31,6 +31,7 @@ import torch
 
 from bigmodel.data import Manifest, ManifestError, collate, load_manifest
 from bigmodel.inference import _plots
+from bigmodel.inference._stats import bootstrap_counts, dice, foreground_mean, interval
 from bigmodel.inference.files import atomic_write, write_json
 from bigmodel.inference.forward import forward
 from bigmodel.inference.model_folder import LoadedModel, ModelFolderError, load_model
@@ -188,44 +189,7 @@ class _Records:
         return np.array([lookup[g] for g in self.groups], dtype=np.int64), names
 
 
-def _dice(confusion: np.ndarray) -> np.ndarray:
-    """Per-class Dice of one or many ``[..., K, K]`` confusion matrices (NaN where unseen).
-
-    The same definition as ``bigmodel.metrics.SegmentationMetrics`` (2TP / (2TP + FP + FN)
-    over all pixels); kept as numpy here so a thousand bootstrap replicates take milliseconds.
-    """
-    confusion = confusion.astype(np.float64)
-    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
-    fp = confusion.sum(axis=-2) - tp
-    fn = confusion.sum(axis=-1) - tp
-    denominator = 2 * tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, 2 * tp / denominator, np.nan)
-
-
-def _foreground_mean(dice: np.ndarray) -> np.ndarray:
-    part = dice[..., 1:] if dice.shape[-1] > 1 else dice
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN, as intended
-        return np.nanmean(part, axis=-1)
-
-
 # ------------------------------------------------------------------------------ statistics
-
-
-def _interval(values: np.ndarray) -> list[float] | None:
-    values = values[np.isfinite(values)]
-    if len(values) < 10:
-        return None
-    low, high = np.percentile(values, [2.5, 97.5])
-    return [round(float(low), 4), round(float(high), 4)]
-
-
-def _bootstrap_counts(patients: int, replicates: int, seed: int = 0) -> np.ndarray:
-    """``[B, P]``: how often each patient is drawn in each replicate (patients with replacement)."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, patients, size=(replicates, patients))
-    return np.stack([np.bincount(d, minlength=patients) for d in draws])
 
 
 def _classification_ci(
@@ -240,7 +204,7 @@ def _classification_ci(
         # percentile interval skips; torchmetrics' warning about it is noise here.
         warnings.simplefilter("ignore", UserWarning)
         figures = _replicates(head, cfg, logits, target, has, patient, counts)
-    return {f"{head}/{k}": _interval(np.array(v, dtype=float)) for k, v in figures.items()}
+    return {f"{head}/{k}": interval(np.array(v, dtype=float)) for k, v in figures.items()}
 
 
 def _replicates(head, cfg, logits, target, has, patient, counts) -> dict[str, list[float]]:
@@ -321,19 +285,21 @@ def _segmentation_tables(
     per_patient = np.zeros((len(names), *per_sample.shape[1:]), dtype=np.int64)
     np.add.at(per_patient, patient, per_sample)
     total = per_sample.sum(axis=0)
-    dice = _dice(total)
-    sample_dice = _foreground_mean(_dice(per_sample))
-    patient_dice = _foreground_mean(_dice(per_patient))
-    replicate_dice = _dice(np.einsum("bp,pkl->bkl", counts, per_patient))
-    ci = {f"{head}/dice_mean": _interval(_foreground_mean(replicate_dice))}
-    ci |= {f"{head}/dice_{c}": _interval(replicate_dice[:, c]) for c in range(len(classes))}
+    class_dice = dice(total)
+    sample_dice = foreground_mean(dice(per_sample))
+    patient_dice = foreground_mean(dice(per_patient))
+    replicate_dice = dice(np.einsum("bp,pkl->bkl", counts, per_patient))
+    ci = {f"{head}/dice_mean": interval(foreground_mean(replicate_dice))}
+    ci |= {f"{head}/dice_{c}": interval(replicate_dice[:, c]) for c in range(len(classes))}
     pixels = total.sum(axis=1)
     rows = [
         {
             "class": name,
             "pixels": int(pixels[c]),
-            "dice": float(dice[c]),
-            "iou": float(dice[c] / (2 - dice[c])) if np.isfinite(dice[c]) else math.nan,
+            "dice": float(class_dice[c]),
+            "iou": float(class_dice[c] / (2 - class_dice[c]))
+            if np.isfinite(class_dice[c])
+            else math.nan,
         }
         for c, name in enumerate(classes)
     ]
@@ -410,7 +376,7 @@ def evaluate_model(
         raise EvalError(f"{manifest.path}: split {split!r} has no samples")
     figures = metrics.compute()
     patient, names = rec.patient_index()
-    counts = _bootstrap_counts(len(names), bootstrap)
+    counts = bootstrap_counts(len(names), bootstrap)
     report: dict[str, Any] = {
         "model": str(loaded.path),
         "model_name": loaded.card.get("name"),
@@ -479,7 +445,7 @@ def evaluate_model(
             replicate = (weights[:, known] * hit[known]).sum(1) / np.maximum(
                 weights[:, known].sum(1), 1
             )
-            report["ci95"][f"{head}/recall@1"] = _interval(replicate)
+            report["ci95"][f"{head}/recall@1"] = interval(replicate)
             per_sample[f"{head}_hit@1"] = [None if not np.isfinite(h) else bool(h) for h in hit]
             report["plots"][f"{head}_neighbours"] = str(
                 _strips(manifest, split, head, rec, order, labels, out)
