@@ -89,6 +89,25 @@ def test_folds_are_patient_disjoint_and_cover_the_pool(shards):
     assert sum(folds["num_samples"]) == pool_samples
 
 
+def test_fold_build_is_reproducible(shards, tmp_path):
+    """The same command into another folder gives the same folds and byte-identical shards."""
+    again = tmp_path / "again"
+    source = shards.parent / "src"
+    argv = ["build", "--source=imagefolder", f"--input={source}", f"--out={again}"]
+    argv += [r"--option=group_regex=^(?P<patient>pat\d+)_", "--split-ratios=0.7,0.1,0.2"]
+    argv += [f"--folds={K}", "--max-shard-samples=4", "--quiet"]
+    assert shard_main(argv) == 0
+    first = json.loads((shards / "dataset.json").read_text())
+    second = json.loads((again / "dataset.json").read_text())
+    assert first["folds"] == second["folds"] and first["splits"] == second["splits"]
+    assert (
+        shard_main(
+            ["build", "--source=imagefolder", f"--input={source}", "--out", str(again), "--folds=1"]
+        )
+        == 2
+    )  # K=1 is refused
+
+
 def _config(shards: Path, out: Path, name: str = "cv"):
     return config_from_dict(
         {

@@ -10,11 +10,13 @@ the last test stops the server and checks the error says so.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -262,3 +264,30 @@ def test_stopped_server_is_one_clear_error(server, shards, tmp_path, capsys, mon
     err_line = capsys.readouterr().err.strip()
     assert "not reachable" in err_line and "\n" not in err_line
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_refused_credentials_are_one_clear_error(shards, tmp_path):
+    """A server answering 401 (MLflow's basic-auth app needs Flask-WTF, absent here)."""
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server API)
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{httpd.server_port}"
+        with pytest.raises(ConfigError) as err:
+            check_tracking(_config(shards, tmp_path, "refused", uri))
+        message = str(err.value)
+        assert "refused the credentials (HTTP 401" in message and f"tracking.uri={uri}" in message
+        assert "MLFLOW_TRACKING_USERNAME" in message and len(message.splitlines()) == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
