@@ -210,7 +210,18 @@ def tracked(cfg: Config, session: Session) -> Iterator[Session]:
     if not cfg.tracking.enabled or session.rank != 0:
         yield session
         return
-    run = TrackedSession(session, cfg)
+    try:
+        run = TrackedSession(session, cfg)
+    except Exception as err:  # the driver's check passed: train anyway, say so in mlflow.json
+        log.error(
+            "MLflow: cannot open a run at %s (%s); training without tracking", cfg.tracking.uri, err
+        )
+        record = {"uri": tracking_uri(cfg), "error": f"no MLflow run: {type(err).__name__}: {err}"}
+        path = Path(cfg.train.output_dir) / cfg.name / RUN_RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+        yield session
+        return
     started = time.perf_counter()
     try:
         yield run

@@ -291,3 +291,13 @@ def test_refused_credentials_are_one_clear_error(shards, tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_worker_that_cannot_reach_mlflow_trains_untracked(shards, tmp_path):
+    """The driver's check passed but the server went away: training goes on, mlflow.json says so."""
+    cfg = _config(shards, tmp_path, "lost", f"http://127.0.0.1:{free_port()}")
+    session = LocalSession()
+    with tracked(cfg, session) as inside:
+        assert inside is session
+    record = json.loads((tmp_path / "lost" / RUN_RECORD).read_text())
+    assert "not reachable" in record["error"]
