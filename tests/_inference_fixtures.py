@@ -23,11 +23,14 @@ IMAGE_SIZE = 32
 """Smaller than the 48 x 48 demo slices: whole-image inference needs sliding windows."""
 
 
-def build_demo_shards(root: Path, layout: str = "2d", patients: int = 6) -> Path:
+def build_demo_shards(
+    root: Path, layout: str = "2d", patients: int = 6, modality: str | None = None
+) -> Path:
     """Demo NIfTI source (nibabel's anatomical.nii + generated volumes) -> shards."""
     csv_path = write_demo_source(root / "source", patients=patients)
-    reader = NiftiCsvReader(str(csv_path), mask_classes=",".join(MASK_CLASSES))
-    out = root / f"shards_{layout.replace('.', '')}"
+    options = {"modality": modality} if modality else {}
+    reader = NiftiCsvReader(str(csv_path), mask_classes=",".join(MASK_CLASSES), **options)
+    out = root / f"shards_{layout.replace('.', '')}{modality or ''}"
     options = BuildOptions(
         layout=layout, context=1, use_source_split=True, max_shard_samples=16, progress=False
     )
@@ -35,7 +38,9 @@ def build_demo_shards(root: Path, layout: str = "2d", patients: int = 6) -> Path
     return out
 
 
-def tiny_config(shards: Path, heads: dict | None = None, image_size: int = IMAGE_SIZE) -> Config:
+def tiny_config(
+    shards: Path, heads: dict | None = None, image_size: int = IMAGE_SIZE, **data
+) -> Config:
     """test_resnet backbone with classification + segmentation + retrieval heads."""
     heads = heads or {
         "diagnosis": {"type": "classification", "target": "cls"},
@@ -44,17 +49,22 @@ def tiny_config(shards: Path, heads: dict | None = None, image_size: int = IMAGE
     }
     raw = {
         "name": "tiny",
-        "data": {"shards": str(shards), "image_size": image_size, "batch_size": 4},
+        "data": {"shards": str(shards), "image_size": image_size, "batch_size": 4, **data},
         "model": {"backbone": {"name": "test_resnet"}, "heads": heads},
     }
     return resolve_config(config_from_dict(raw), load_manifest(shards))
 
 
 def make_model_folder(
-    shards: Path, out: Path, heads: dict | None = None, seed: int = 0, image_size: int = IMAGE_SIZE
+    shards: Path,
+    out: Path,
+    heads: dict | None = None,
+    seed: int = 0,
+    image_size: int = IMAGE_SIZE,
+    **data,
 ):
     """A model folder from an untrained (seeded) model; returns (folder, in-memory model)."""
-    cfg = tiny_config(shards, heads, image_size)
+    cfg = tiny_config(shards, heads, image_size, **data)
     torch.manual_seed(seed)
     model = build_model(cfg.model).eval()
     # Non-trivial BatchNorm statistics, so eval-mode behaviour is actually exercised.

@@ -28,7 +28,7 @@ from bigmodel.inference.model_folder import (
 )
 from bigmodel.inference.predict import Predictor, main
 from bigmodel.inference.preprocess import InputError, Preprocessing, slice_volume
-from bigmodel.inference.window import whole_image_outputs
+from bigmodel.inference.window import fit_to_size, whole_image_outputs
 from sharding._samples import SamplePlan, _cut
 
 REAL_VOLUME = Path(data_path) / "anatomical.nii"
@@ -212,3 +212,29 @@ def test_predict_cli_on_a_png_writes_a_label_map(folder, tmp_path, capsys):
         "slice.json",
         "slice_organs.png",
     ]
+
+
+def test_mr_intensity_and_resize_fit_are_applied_as_recorded(tmp_path):
+    """An MR model with data.resize=fit: per-image z-score, fitted, outputs back on the grid."""
+    shards = build_demo_shards(tmp_path, modality="MR")
+    path, model = make_model_folder(shards, tmp_path / "model", resize="fit")
+    prep = load_model(path).preprocessing
+    assert prep.intensity["scheme"] == "mr" and prep.resize == "fit"
+    summary = Predictor(path).predict_file(REAL_VOLUME, tmp_path / "out")
+
+    data = np.asarray(nib.load(REAL_VOLUME).dataobj, dtype=np.float32).transpose(2, 1, 0)
+    slices = torch.from_numpy(np.ascontiguousarray(data))[:, None]  # [z, 1, y, x]
+    mean = slices.mean(dim=(-2, -1), keepdim=True)
+    std = slices.std(dim=(-2, -1), keepdim=True, unbiased=False).clamp_min(1e-6)
+    height, width = slices.shape[-2:]
+    with torch.no_grad():
+        logits = model(fit_to_size((slices - mean) / std, IMAGE_SIZE))["outputs"]["organs"]
+    scale = IMAGE_SIZE / max(height, width)
+    new_h, new_w = round(height * scale), round(width * scale)
+    top, left = (IMAGE_SIZE - new_h) // 2, (IMAGE_SIZE - new_w) // 2
+    inside = logits[..., top : top + new_h, left : left + new_w]
+    back = torch.nn.functional.interpolate(inside, size=(height, width), mode="bilinear")
+    expected = back.argmax(dim=1).numpy().transpose(2, 1, 0)
+    written = np.asarray(nib.load(summary["heads"]["organs"]["output"]).dataobj)
+    assert written.shape == nib.load(REAL_VOLUME).shape
+    np.testing.assert_array_equal(written, expected)
