@@ -59,7 +59,7 @@ DEFAULT_URI = "sqlite:///{output_dir}/mlflow.db"
 """Embedded default (``tracking.uri``): a SQLite store beside the runs, artifacts next to it."""
 MODEL_ARTIFACT = "model"
 """Artifact folder of a run that holds the model folder."""
-MODEL_FILES = ("model.safetensors", "config.yaml", "model_card.json")
+MODEL_FILES = ("model.safetensors", "config.yaml", "preprocessing.json", "model_card.json")
 """Files a model folder must have to be registered or returned from the cache."""
 LINEAGE_TAGS = (
     "run_name",
@@ -303,10 +303,11 @@ def register_run(
             )
         return version
     except BaseException:
-        with contextlib.suppress(Exception):
-            if version is not None:
+        if version is not None:
+            with contextlib.suppress(Exception):
                 client.delete_model_version(name, version.version)
-            if created_model:
+        if created_model:
+            with contextlib.suppress(Exception):
                 client.delete_registered_model(name)
         raise
 
