@@ -297,7 +297,15 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0)
     """Checkpoint every N optimizer steps (0: only at the end of each epoch)."""
     max_nonfinite: int = Field(10, ge=0)
-    """Stop the run after this many skipped non-finite losses."""
+    """Stop the run after this many optimizer steps skipped for a non-finite gradient norm
+    (a NaN/inf loss or gradient on any rank; with fp16 also the loss scaler's overflow steps)."""
+    keep_checkpoints: int | None = Field(None, gt=0)
+    """Keep only the newest K checkpoints (local folders and Ray's storage); None keeps all."""
+    best_metric: str | None = None
+    """Reported figure (e.g. ``val/diag/accuracy``) that picks the evaluation whose weights go
+    to ``model/``; None saves the weights at the end of the run."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a higher or a lower ``best_metric`` is better."""
     output_dir: str = "runs"
     """Where runs write config.yaml, logs, curves and checkpoints (a local folder)."""
 

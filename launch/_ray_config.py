@@ -1,13 +1,16 @@
 """Ray Train settings derived from our config: resources, storage, failures, collectives.
 
 Pure functions of :class:`bigmodel.config.Config` (and, for the storage check, of the cluster's
-node list), so they are tested without starting Ray. ``launch.train`` assembles the trainer from
-them.
+node list and a probe of what each node sees), so they are tested without starting Ray, except
+:func:`blind_nodes`, the probe itself, which runs one Ray task per node. ``launch.train``
+assembles the trainer from them.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +30,6 @@ from launch._worker import StopOnDeterministicError
 
 # URI schemes that every node of a cluster reaches the same way (pyarrow / fsspec filesystems).
 SHARED_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs", "viewfs")
-
-# Filesystem types (``/proc/mounts``) that are shared between machines.
-NETWORK_FS_TYPES = (
-    "nfs",
-    "nfs4",
-    "cifs",
-    "smb3",
-    "lustre",
-    "gpfs",
-    "beegfs",
-    "ceph",
-    "glusterfs",
-    "9p",
-    "wekafs",
-    "efs",
-)
 
 # Environment variables forwarded to every training worker when the driver has them set: the
 # accelerator choice of DeepSpeed and the usual determinism / threading knobs.
@@ -111,9 +98,10 @@ def run_config(cfg: Config, callbacks: list[UserCallback] | None = None) -> RunC
         name=cfg.name,
         storage_path=storage_path(cfg),
         failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-        # Keep every checkpoint: the engine decides the cadence, and deleting a ZeRO checkpoint
-        # that a restarting attempt is about to read would lose the run.
-        checkpoint_config=CheckpointConfig(),
+        # train.keep_checkpoints: Ray keeps the newest K in storage (no score attribute, so the
+        # latest, which a restarting attempt reads, is always among them); None keeps all.
+        # The engine prunes its local copies the same way (bigmodel.engine.prune_checkpoints).
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env} if env else None,
         # One compact line per report from ProgressPrinter instead of Ray's per-rank INFO dumps.
         # StopOnDeterministicError first: a config/data error ends the run without a restart.
@@ -124,31 +112,6 @@ def run_config(cfg: Config, callbacks: list[UserCallback] | None = None) -> RunC
         ],
         logging_config=LoggingConfig(log_level="WARNING"),
     )
-
-
-def mount_type(path: str, mounts: str = "/proc/mounts") -> str:
-    """Filesystem type of the mount holding ``path`` (longest matching mount point)."""
-    target = Path(path).resolve()
-    best, fs_type = "", "unknown"
-    try:
-        lines = Path(mounts).read_text().splitlines()
-    except OSError:
-        return fs_type
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        mount_point = fields[1].replace("\\040", " ")
-        inside = target == Path(mount_point) or Path(mount_point) in target.parents
-        if inside and len(mount_point) > len(best):
-            best, fs_type = mount_point, fields[2]
-    return fs_type
-
-
-def is_shared_filesystem(path: str, mounts: str = "/proc/mounts") -> bool:
-    """True when ``path`` lives on a network filesystem every node can mount (NFS, Lustre, ...)."""
-    fs_type = mount_type(path, mounts)
-    return fs_type in NETWORK_FS_TYPES or fs_type.startswith("fuse.")
 
 
 def is_multi_node(cfg: Config, nodes: list[dict[str, Any]]) -> bool:
@@ -172,36 +135,98 @@ def _alive(node: dict[str, Any]) -> bool:
     return bool(node.get("Alive", node.get("alive", False)))
 
 
-def check_storage(cfg: Config, nodes: list[dict[str, Any]], mounts: str = "/proc/mounts") -> None:
-    """Reject multi-node runs whose checkpoints would land on one machine's local disk.
+def check_storage(
+    cfg: Config,
+    nodes: list[dict[str, Any]],
+    probe: Callable[[str, list[dict[str, Any]]], list[str]] | None = None,
+) -> None:
+    """Reject multi-node runs whose checkpoints some node cannot read back.
 
     Ray Train writes every rank's checkpoint shards to ``storage_path`` and reads them back on
     restart, possibly on another node: without shared storage a restart finds nothing (or half a
-    ZeRO checkpoint). Single-node runs may use a local folder.
+    ZeRO checkpoint). Single-node runs may use a local folder. For a path, what matters is what
+    each node sees, not the driver's filesystem type (FUSE mounts such as JuiceFS, gcsfuse or
+    mountpoint-s3 are as good as NFS): ``probe`` (default :func:`blind_nodes`) returns the
+    alive nodes that cannot read a sentinel the driver writes there. Nodes an autoscaler adds
+    later are not probed.
     """
     if not is_multi_node(cfg, nodes):
         return
-    alive = sum(1 for n in nodes if _alive(n))
-    where = f"this cluster has {alive} nodes" if alive > 1 else "the request spans several nodes"
+    alive = [n for n in nodes if _alive(n)]
+    where = (
+        f"this cluster has {len(alive)} nodes"
+        if len(alive) > 1
+        else "the request spans several nodes"
+    )
     path = cfg.cluster.storage_path
     if not path:
         raise ConfigError(
             f"cluster.storage_path is unset but {where}: checkpoints must go to storage every "
             "node can reach. Set cluster.storage_path=s3://BUCKET/PATH, gs://BUCKET/PATH or a "
-            "path on an NFS/Lustre mount present on all nodes."
+            "path on a shared mount (NFS, Lustre, JuiceFS, gcsfuse...) present on all nodes."
         )
     if is_uri(path):
         scheme = path.split("://", 1)[0].lower()
         if scheme not in SHARED_SCHEMES:
             raise ConfigError(
                 f"cluster.storage_path={path!r}: scheme {scheme!r} is not a shared store; use "
-                f"one of {', '.join(s + '://' for s in SHARED_SCHEMES)} or an NFS path"
+                f"one of {', '.join(s + '://' for s in SHARED_SCHEMES)} or a shared mount"
             )
         return
-    local = path.removeprefix("file://")
-    if not is_shared_filesystem(local, mounts):
+    local = str(Path(path.removeprefix("file://")).resolve())
+    blind = (probe or blind_nodes)(local, alive)
+    if blind:
         raise ConfigError(
-            f"cluster.storage_path={path!r} is on a local {mount_type(local, mounts)!r} filesystem "
-            f"but {where}: other nodes cannot read its checkpoints. Use s3://, gs:// or a path "
-            "on an NFS/Lustre mount present on all nodes."
+            f"cluster.storage_path={path!r} is not shared: a file the driver wrote there could "
+            f"not be read back on node(s) {', '.join(blind)} ({where}), so they could not "
+            "resume from its checkpoints. Mount the same shared filesystem at that path on every "
+            "node, or use s3:// / gs://."
         )
+
+
+def blind_nodes(path: str, nodes: list[dict[str, Any]]) -> list[str]:
+    """The nodes (``ray.nodes()`` entries) that cannot read a sentinel written under ``path``.
+
+    The driver writes a random token to ``path/.bigmodel-storage-check-TOKEN``; one zero-CPU Ray
+    task pinned to each node (``NodeAffinitySchedulingStrategy``, not soft) reads it back. A
+    node whose read fails or returns another content does not share the folder. Needs a
+    connected Ray (``ray.init``); the sentinel is removed afterwards.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(16)
+    sentinel = folder / f".bigmodel-storage-check-{token}"
+    tmp = sentinel.with_name(sentinel.name + ".tmp")
+    tmp.write_text(token)
+    os.replace(tmp, sentinel)  # readers never see a half-written token
+    try:
+        return nodes_not_reading(str(sentinel), token, nodes)
+    finally:
+        sentinel.unlink(missing_ok=True)
+
+
+def nodes_not_reading(file: str, token: str, nodes: list[dict[str, Any]]) -> list[str]:
+    """Names of the nodes on which ``file`` does not hold ``token`` (one Ray task per node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    read = ray.remote(num_cpus=0, max_retries=0)(_read_text)
+    refs = [
+        read.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(file)
+        for node in nodes
+    ]
+    seen = ray.get(refs, timeout=120)
+    return [_node_name(n) for n, text in zip(nodes, seen, strict=True) if text != token]
+
+
+def _read_text(file: str) -> str | None:
+    try:
+        return Path(file).read_text()
+    except OSError:
+        return None
+
+
+def _node_name(node: dict[str, Any]) -> str:
+    return f"{node.get('NodeManagerAddress', '?')} (node {str(node.get('NodeID', '?'))[:8]})"

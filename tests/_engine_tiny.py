@@ -2,9 +2,10 @@
 
 The model follows the MultiTaskModel contract (``forward(images, batch=None)`` returning
 ``outputs``, ``losses`` and ``loss``) with one classification head, so the engine can be tested
-apart from ``bigmodel.models``. The loader is a deterministic "global batch" stream: batch ``i``
-of epoch ``e`` is the same samples whatever the world size, each rank taking its contiguous
-slice, so ``2 workers x b`` and ``1 worker x 2b`` see exactly the same data.
+apart from ``bigmodel.models``. The loader is a deterministic "global batch" stream: optimizer
+step ``i`` of epoch ``e`` sees the same samples whatever the world size and the accumulation
+steps, each (micro-batch, rank) taking its contiguous slice, so ``2 workers x b``,
+``1 worker x 2 micro-batches of b`` and ``1 worker x 2b`` see exactly the same data.
 """
 
 from __future__ import annotations
@@ -26,17 +27,23 @@ SIZE = 16
 CLASSES = 4
 
 
-class TinyMultiTask(nn.Module):
-    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> linear, on the model contract."""
+def _norm(kind: str, channels: int) -> nn.Module:
+    # GroupNorm does not depend on the batch, so k micro-batches of b give the gradient of one
+    # batch of k*b (BatchNorm normalises each micro-batch by its own statistics).
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(2, channels)
 
-    def __init__(self) -> None:
+
+class TinyMultiTask(nn.Module):
+    """conv -> norm -> ReLU -> conv -> norm -> ReLU -> pool -> linear, on the model contract."""
+
+    def __init__(self, norm: str = "batch") -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(CHANNELS, 8, 3, padding=1, bias=False),
-            nn.BatchNorm2d(8),
+            _norm(norm, 8),
             nn.ReLU(),
             nn.Conv2d(8, 8, 3, padding=1, bias=False),
-            nn.BatchNorm2d(8),
+            _norm(norm, 8),
             nn.ReLU(),
         )
         self.head = nn.Linear(8, CLASSES)
@@ -46,8 +53,8 @@ class TinyMultiTask(nn.Module):
         out: dict[str, Any] = {"outputs": {"diag": logits}}
         if batch is not None:
             loss = F.cross_entropy(logits.float(), batch["cls"])
-            if "poison" in batch:  # a NaN injected by the test of non-finite losses
-                loss = loss + batch["poison"].sum()
+            if "poison" in batch:  # a NaN injected by the tests of non-finite losses; as a NaN
+                loss = loss * batch["poison"].sum()  # in the forward would, it reaches the grads
             out["losses"] = {"diag": loss}
             out["loss"] = loss
         return out
@@ -70,7 +77,11 @@ def make_batch(seed: int, epoch: int, index: int, size: int) -> dict[str, Any]:
 
 
 class GlobalBatchLoader:
-    """``batches`` global batches per epoch; this rank's slice of each (set_epoch-resumable)."""
+    """``batches`` micro-batches per epoch: this rank's slices of the global batches.
+
+    Micro-batch ``i`` is slice ``(i % micro) * world_size + rank`` of global batch
+    ``i // micro`` (``micro`` = accumulation steps); set_epoch-resumable.
+    """
 
     def __init__(
         self,
@@ -80,11 +91,13 @@ class GlobalBatchLoader:
         batches: int,
         seed: int = 0,
         poison: set[tuple[int, int]] | None = None,
+        micro: int = 1,
     ) -> None:
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.batches = batches
+        self.micro = micro
         self.seed = seed
         self.epoch = 0
         self.poison = poison or set()
@@ -97,9 +110,11 @@ class GlobalBatchLoader:
         return self.batches
 
     def __iter__(self):
+        per_step = self.batch_size * self.world_size * self.micro
         for index in range(self.batches):
-            full = make_batch(self.seed, self.epoch, index, self.batch_size * self.world_size)
-            lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+            full = make_batch(self.seed, self.epoch, index // self.micro, per_step)
+            part = (index % self.micro) * self.world_size + self.rank
+            lo, hi = part * self.batch_size, (part + 1) * self.batch_size
             batch = {
                 "image": full["image"][lo:hi],
                 "cls": full["cls"][lo:hi],
@@ -201,14 +216,26 @@ def run_fit(
     resume_from: str | None = None,
     poison: set[tuple[int, int]] | None = None,
     eval_total: int = 0,
+    norm: str = "batch",
 ) -> tuple[dict[str, float], LocalSession]:
-    """Build the tiny model (seeded) and run the engine's ``fit`` on it."""
+    """Build the tiny model (seeded) and run the engine's ``fit`` on it.
+
+    ``batches`` counts micro-batches per epoch (``optim.accumulation_steps`` per optimizer step).
+    """
     from bigmodel.engine import fit
     from bigmodel.metrics import build_metrics
 
     torch.manual_seed(cfg.seed)
-    model = TinyMultiTask()
-    loader = GlobalBatchLoader(cfg.data.batch_size, rank, world_size, batches, cfg.seed, poison)
+    model = TinyMultiTask(norm)
+    loader = GlobalBatchLoader(
+        cfg.data.batch_size,
+        rank,
+        world_size,
+        batches,
+        cfg.seed,
+        poison,
+        micro=cfg.optim.accumulation_steps,
+    )
     session = LocalSession(resume_from=resume_from)
     evaluation = None
     metrics = None
@@ -223,3 +250,12 @@ def load_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def logged(run_dir: Path, name: str) -> list[float]:
+    """The values of one figure in ``metrics.csv``, in step order (``grad_norm``, ``lr``...)."""
+    import csv
+
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["name"] == name]
+    return [float(r["value"]) for r in sorted(rows, key=lambda r: int(r["step"]))]

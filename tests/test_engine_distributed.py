@@ -6,8 +6,9 @@
 * Exact resume: runs resumed from a mid-epoch checkpoint end with the uninterrupted run's
   weights (model, optimizer, scheduler, step, data position and RNG restored), for DDP and
   ZeRO-2; a ZeRO-2 checkpoint from 2 workers resumes on 1 (consolidated fp32 weights).
-* Non-finite losses on one rank are skipped on all ranks and counted; past the limit the run
-  stops with a message.
+* Non-finite losses on one rank are skipped on all ranks and counted (DDP, ZeRO-2 and ZeRO-3,
+  from the gradient norm, checked once per optimizer step); past the limit the run stops with
+  a message.
 
 Every 2-worker run happens in ONE ``torch.multiprocessing.spawn`` (DeepSpeed start-up is slow).
 Each run: AdamW with warmup + cosine, gradient clipping, 2 epochs x 3 steps, a checkpoint every
@@ -54,6 +55,7 @@ RUNS = {
     "zero2-from2": ("zero2", ("zero2", 2), {}),
     "ddp-nan": ("ddp", None, {0: {(0, 1)}}),
     "zero2-nan": ("zero2", None, {1: {(1, 0)}}),
+    "zero3-nan": ("zero3", None, {0: {(0, 2)}}),
 }
 
 
@@ -168,7 +170,7 @@ def test_zero_checkpoint_resumes_on_fewer_workers(runs: Path, caplog):
     _assert_same(load_weights(runs / "zero2-one-worker"), load_weights(runs / "zero2"))
 
 
-@pytest.mark.parametrize("run", ["ddp-nan", "zero2-nan"])
+@pytest.mark.parametrize("run", ["ddp-nan", "zero2-nan", "zero3-nan"])
 def test_nonfinite_loss_on_one_rank_is_skipped_on_all(runs: Path, run: str):
     figures = json.loads((runs / run / "figures.json").read_text())
     assert figures["nonfinite_skipped"] == 1.0

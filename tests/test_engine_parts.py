@@ -101,7 +101,7 @@ def test_deepspeed_config_from_schema_with_overrides(tmp_path: Path):
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 8 * 2 * 4
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 1000  # merged, not replaced
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
@@ -153,16 +153,32 @@ def test_run_folder_logs_and_saved_model(tmp_path: Path):
     "precision,distributed",
     [
         ("fp16", {"strategy": "ddp"}),  # autocast + GradScaler
-        ("bf16", {"strategy": "deepspeed", "zero_stage": 2}),  # DeepSpeed casts the model
+        ("bf16", {"strategy": "deepspeed", "zero_stage": 2}),  # DeepSpeed's torch_autocast mode
+        ("fp16", {"strategy": "deepspeed", "zero_stage": 1}),
     ],
 )
-def test_mixed_precision_runs(tmp_path: Path, precision: str, distributed: dict):
+def test_mixed_precision_keeps_fp32_weights_and_norm_statistics(
+    tmp_path: Path, precision: str, distributed: dict
+):
+    """Parameters, BatchNorm statistics and the exported weights stay fp32 under autocast.
+
+    DeepSpeed's bf16/fp16 modes cast the whole model: BatchNorm running statistics in bf16 lose
+    small moving-average updates, and the exported weights were bf16 instead of the masters.
+    """
+    dtypes = {"bf16": "bfloat16", "fp16": "float16"}
     cfg = _cfg(tmp_path, train={"precision": precision, "epochs": 1}, distributed=distributed)
     figures, _ = run_fit(cfg, 0, 1, batches=2)
     assert math.isfinite(figures["loss/total"]) and figures["nonfinite_skipped"] == 0.0
     weights = load_file(str(tmp_path / "parts" / "model" / "model.safetensors"))
-    expected = torch.bfloat16 if distributed["strategy"] == "deepspeed" else torch.float32
-    assert weights["features.0.weight"].dtype == expected
+    for key in ("features.0.weight", "features.1.running_mean", "features.1.running_var"):
+        assert weights[key].dtype == torch.float32, key
+    assert int(weights["features.1.num_batches_tracked"]) == 2
+    # the statistics moved by the momentum update of 2 steps (none of it rounded away)
+    assert not torch.equal(weights["features.1.running_var"], torch.ones(8))
+    if distributed["strategy"] == "deepspeed":
+        ds = deepspeed_config(cfg, world_size=1)
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": dtypes[precision]}
+        assert "bf16" not in ds and "fp16" not in ds  # DeepSpeed's model-casting modes stay off
 
 
 def test_gradient_accumulation_same_under_ddp_and_deepspeed(tmp_path: Path):
@@ -184,3 +200,74 @@ def test_gradient_accumulation_same_under_ddp_and_deepspeed(tmp_path: Path):
         weights[name] = load_file(str(tmp_path / name / "model" / "model.safetensors"))
     for key, value in weights["acc-ddp"].items():
         torch.testing.assert_close(weights["acc-zero2"][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "distributed",
+    [{"strategy": "deepspeed", "zero_stage": 0}, {"strategy": "deepspeed", "zero_stage": 1}],
+)
+def test_nonfinite_step_is_skipped_under_deepspeed(tmp_path: Path, distributed: dict):
+    """ZeRO-0 steps the client optimizer itself, so the engine checks the norm before it."""
+    cfg = _cfg(tmp_path, train={"epochs": 1}, distributed=distributed)
+    figures, session = run_fit(cfg, 0, 1, batches=3, poison={(0, 1)})
+    assert figures["nonfinite_skipped"] == 1.0 and figures["step"] == 3.0
+    assert "grad_norm" not in session.history[1] and session.history[2]["grad_norm"] > 0
+    weights = load_file(str(tmp_path / "parts" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_model_folder_holds_the_best_evaluation(tmp_path: Path):
+    # best_mode=min on a score that rises as the run learns: the best evaluation is the first,
+    # so model/ must not be the last weights
+    cfg = _cfg(
+        tmp_path,
+        optim={"lr": 0.3},
+        train={"epochs": 3, "eval_every": 1, "best_metric": "val/diag/auroc", "best_mode": "min"},
+    )
+    run_fit(cfg, 0, 1, batches=2, eval_total=9)
+    run = tmp_path / "parts"
+    scores = {
+        int(r["step"]): float(r["value"]) for r in _rows(run) if r["name"] == "val/diag/auroc"
+    }
+    best_step = min(scores, key=lambda s: (scores[s], s))  # the first of equal scores
+    assert best_step != max(scores), "the test needs a run whose last evaluation is not the best"
+    card = json.loads((run / "model" / "model_card.json").read_text())
+    assert card["metrics"]["step"] == best_step
+    saved = torch.load(
+        run / "checkpoints" / f"step_{best_step:07d}" / "model.pt", weights_only=False
+    )
+    model = load_file(str(run / "model" / "model.safetensors"))
+    for key, value in saved["model"].items():
+        torch.testing.assert_close(model[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_best_metric_must_be_reported(tmp_path: Path):
+    cfg = _cfg(tmp_path, train={"eval_every": 1, "best_metric": "val/diag/nope"})
+    with pytest.raises(ValueError, match="train.best_metric='val/diag/nope'.*val/diag/accuracy"):
+        run_fit(cfg, 0, 1, batches=2, eval_total=5)
+
+
+def test_keep_checkpoints_prunes_old_folders(tmp_path: Path):
+    cfg = _cfg(tmp_path, train={"epochs": 2, "checkpoint_every": 1, "keep_checkpoints": 2})
+    _, session = run_fit(cfg, 0, 1, batches=3)
+    assert len(session.checkpoints) == 6  # every step was checkpointed and reported
+    folders = sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir())
+    assert folders == ["step_0000005", "step_0000006"]
+
+
+def test_resume_after_crash_logs_each_step_once(tmp_path: Path):
+    """A crash after step 4 and a resume from the step-2 checkpoint: no duplicated rows."""
+    cfg = _cfg(tmp_path, train={"epochs": 2, "checkpoint_every": 2})
+    run_fit(cfg, 0, 1, batches=2)
+    run = tmp_path / "parts"
+    before = [(r["step"], r["name"]) for r in _rows(run)]
+    run_fit(cfg, 0, 1, batches=2, resume_from=str(run / "checkpoints" / "step_0000002"))
+    after = [(r["step"], r["name"]) for r in _rows(run) if not r["name"].startswith("time/")]
+    assert len(after) == len(set(after)), "a step was logged twice"
+    assert {s for s, _ in after} == {"1", "2", "3", "4"}
+    assert sorted(after) == sorted(k for k in before if not k[1].startswith("time/"))

@@ -1,7 +1,12 @@
-"""Ray Train settings from our config, the storage check and the CLI's front door (no Ray started)."""
+"""Ray Train settings from our config, the storage check and the CLI's front door.
+
+No Ray is started here except by the ``ray``-marked probe test, on the session's head."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +57,21 @@ def test_collective_backend_and_timeout_come_from_the_config():
 
 
 def test_run_config_failures_storage_and_env(tmp_path, monkeypatch):
+    # the forwarded set is exactly what the driver has: clear the rest, whatever the shell set
+    for key in _ray_config.FORWARDED_ENV:
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("NOT_FORWARDED", "1")
     cfg = cfg_with(f"train.output_dir={tmp_path}", "name=exp1", "cluster.max_failures=2")
     run = _ray_config.run_config(cfg)
     assert run.name == "exp1"
     assert run.failure_config.max_failures == 2
     assert run.storage_path == str(tmp_path / "ray_results")
-    assert run.worker_runtime_env == {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+    assert run.worker_runtime_env == {"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3"}}
+    assert run.checkpoint_config.num_to_keep is None  # every checkpoint unless asked
+    kept = _ray_config.run_config(cfg_with("train.keep_checkpoints=3"))
+    assert kept.checkpoint_config.num_to_keep == 3
     s3 = _ray_config.run_config(cfg_with("cluster.storage_path=s3://bucket/ray"))
     assert s3.storage_path == "s3://bucket/ray"
 
@@ -80,27 +93,60 @@ def test_request_larger_than_the_only_node_counts_as_multi_node():
         _ray_config.check_storage(cfg, [node(cpu=0)])  # a head with --num-cpus=0
 
 
-def test_multi_node_storage_must_be_shared(tmp_path):
-    nodes = [node(), node()]
-    _ray_config.check_storage(cfg_with("cluster.storage_path=s3://b/ray"), nodes)
-    _ray_config.check_storage(cfg_with("cluster.storage_path=gs://b/ray"), nodes)
+def test_multi_node_storage_must_be_visible_on_every_node(tmp_path):
+    nodes = [node(), {**node(), "NodeManagerAddress": "10.0.0.2", "NodeID": "abcdef0123"}]
+    never = lambda path, alive: pytest.fail("URIs are not probed")  # noqa: E731
+    _ray_config.check_storage(cfg_with("cluster.storage_path=s3://b/ray"), nodes, never)
+    _ray_config.check_storage(cfg_with("cluster.storage_path=gs://b/ray"), nodes, never)
     with pytest.raises(ConfigError, match="scheme 'ftp'"):
-        _ray_config.check_storage(cfg_with("cluster.storage_path=ftp://host/ray"), nodes)
-    mounts = tmp_path / "mounts"
-    shared = tmp_path / "nfs"
-    mounts.write_text(
-        f"overlay / overlay rw 0 0\nserver:/export {shared} nfs4 rw,relatime 0 0\n"
-        f"tmpfs {tmp_path / 'scratch'} tmpfs rw 0 0\n"
+        _ray_config.check_storage(cfg_with("cluster.storage_path=ftp://host/ray"), nodes, never)
+    probed = []
+
+    def probe(path, alive):
+        probed.append((path, len(alive)))
+        return [_ray_config._node_name(alive[1])]
+
+    shared = cfg_with(f"cluster.storage_path=file://{tmp_path}/ray")
+    with pytest.raises(
+        ConfigError, match=r"not be read back on node\(s\) 10\.0\.0\.2 \(node abcdef01\)"
+    ):
+        _ray_config.check_storage(shared, [*nodes, node(alive=False)], probe)
+    assert probed == [(str(tmp_path / "ray"), 2)]  # the resolved path, alive nodes only
+    _ray_config.check_storage(shared, nodes, lambda path, alive: [])  # every node sees it
+
+
+@pytest.mark.ray
+def test_sentinel_probe_runs_one_task_per_node(ray_head, tmp_path, repo_root):
+    """On the session's real head: the node reads the driver's token; a wrong token or a missing
+    file (what a node with its own local disk at that path would see) names the node."""
+    script = f"""
+import json
+from pathlib import Path
+import ray
+from launch import _ray_config as rc
+ray.init(address="{ray_head.gcs_address}", logging_level="ERROR")
+nodes = [n for n in ray.nodes() if n["Alive"]]
+Path("{tmp_path}/other").write_text("another token")
+print(json.dumps({{
+    "shared": rc.blind_nodes("{tmp_path}/ray", nodes),
+    "other": rc.nodes_not_reading("{tmp_path}/other", "the driver's token", nodes),
+    "missing": rc.nodes_not_reading("{tmp_path}/missing", "the driver's token", nodes),
+    "names": [rc._node_name(n) for n in nodes],
+}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=repo_root,
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    ok = cfg_with(f"cluster.storage_path={shared / 'ray'}")
-    _ray_config.check_storage(ok, nodes, mounts=str(mounts))
-    local = cfg_with(f"cluster.storage_path={tmp_path / 'scratch' / 'ray'}")
-    with pytest.raises(ConfigError, match="local 'tmpfs' filesystem"):
-        _ray_config.check_storage(local, nodes, mounts=str(mounts))
-
-
-def test_real_mount_table_names_the_filesystem(tmp_path):
-    assert _ray_config.mount_type(str(tmp_path)) not in ("unknown", "")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shared"] == [] and len(result["names"]) == 1
+    assert result["other"] == result["names"] and result["missing"] == result["names"]
+    assert not list((tmp_path / "ray").glob(".bigmodel-storage-check-*"))  # sentinel removed
 
 
 def test_metrics_become_plain_python_values():

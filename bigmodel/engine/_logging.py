@@ -53,7 +53,19 @@ def _memory_mb(device: torch.device) -> float:
 class RunLogger:
     """Collects per-step figures and writes them (rank 0) to CSV and TensorBoard."""
 
-    def __init__(self, run_dir: Path, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        resume_step: int = 0,
+    ) -> None:
+        """``resume_step``: the step the run continues from (0 for a fresh start).
+
+        Rows and TensorBoard events after it were logged by an attempt that crashed after its
+        last checkpoint; they are dropped, so the resumed run does not log those steps twice.
+        """
         self.run_dir = run_dir
         self.rank = rank
         self.world_size = world_size
@@ -67,8 +79,10 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(run_dir / "tb"))
+            # purge_step: TensorBoard hides the crashed attempt's events from this step on
+            self._writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
             path = run_dir / "metrics.csv"
+            _truncate_csv(path, resume_step)
             new = not path.exists()
             self._csv_file = path.open("a", newline="")
             self._csv = csv.writer(self._csv_file)
@@ -125,6 +139,21 @@ class RunLogger:
         self._csv_file.close()
         self._writer.close()
         plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
+
+
+def _truncate_csv(path: Path, last_step: int) -> None:
+    """Keep the rows of ``metrics.csv`` up to ``last_step`` (temporary file, then rename)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= last_step]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)
 
 
 def _is_headline_figure(name: str) -> bool:

@@ -13,12 +13,18 @@ DeepSpeed notes:
     * DeepSpeed counts micro-batches itself (``gradient_accumulation_steps``); ``backward``
       divides the loss by it, ``step`` applies the update on the accumulation boundary and also
       clips (``gradient_clipping``).
+    * Mixed precision uses DeepSpeed's ``torch_autocast`` mode, not its ``bf16``/``fp16`` modes:
+      parameters, BatchNorm statistics and optimizer state stay fp32 and the forward runs under
+      ``torch.autocast``, as under DDP. The ``bf16``/``fp16`` modes cast the whole model, which
+      leaves BatchNorm running statistics in bf16 (small moving-average updates round away) and
+      makes the module's state dict low precision.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from timm.scheduler.scheduler import Scheduler
+from timm.utils import distribute_bn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -121,8 +128,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # timm optimizers (LARS, LAMB, AdamW)
         "zero_force_ds_cpu_optimizer": False,  # offload with a torch optimizer
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "fp16": {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16},
+        # fp32 parameters + torch.autocast in the forward (module notes); fp16 gets a GradScaler
+        "torch_autocast": {
+            "enabled": cfg.train.precision != "fp32",
+            "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[
+                cfg.train.precision
+            ],
+        },
         "steps_per_print": 10**9,  # the engine logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
@@ -160,7 +172,10 @@ class Distributed:
     accumulation_steps: int
     grad_clip: float | None
     amp_dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler | None = None
+    scaler: torch.amp.GradScaler
+    """DDP's loss scaler; enabled for fp16 only (a disabled one passes everything through)."""
+    average_norm_buffers: bool = False
+    """Average BatchNorm statistics across ranks before evaluating and saving (no SyncBN)."""
     engine: Any = None  # deepspeed.DeepSpeedEngine when strategy == "deepspeed"
 
     @property
@@ -170,23 +185,12 @@ class Distributed:
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for the forward pass (a no-op in fp32).
 
-        DeepSpeed bf16/fp16 casts the whole model to that dtype (fp32 master weights live in its
-        optimizer), so it runs without autocast, on inputs cast by :meth:`inputs`.
+        The same for DDP and DeepSpeed: parameters stay fp32 under both (DeepSpeed runs in its
+        ``torch_autocast`` mode and applies the same autocast inside ``engine.forward``).
         """
-        if self.amp_dtype is None or self.engine is not None:
+        if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in the dtype the first layer expects.
-
-        A DeepSpeed engine in bf16/fp16 holds its parameters in that dtype (autocast leaves
-        some layers, e.g. BatchNorm, in the input's dtype), so inputs are cast to it; DDP keeps
-        fp32 parameters and lets autocast choose.
-        """
-        if self.engine is not None and self.amp_dtype is not None:
-            return images.to(self.amp_dtype)
-        return images
 
     @contextlib.contextmanager
     def micro_batch(self, is_last: bool) -> Iterator[None]:
@@ -198,92 +202,87 @@ class Distributed:
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's loss, scaled for accumulation (and fp16 loss scaling)."""
+        """Backward of one micro-batch's loss, scaled for accumulation (and fp16 loss scaling).
+
+        No check of the loss here: a non-finite loss shows up once per optimizer step in the
+        gradient norm (:meth:`optimizer_step`), without a device sync per micro-batch.
+        """
         if self.engine is not None:
             self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
-            self._advance_micro_batch()
+            # DeepSpeed wants engine.step() after every backward; off the accumulation
+            # boundary it only counts the micro-batch. The boundary's step is optimizer_step().
+            if not self.engine.is_gradient_accumulation_boundary():
+                self.engine.step()
             return
-        loss = loss / self.accumulation_steps
-        if self.scaler is not None:
-            loss = self.scaler.scale(loss)
-        loss.backward()
+        self.scaler.scale(loss / self.accumulation_steps).backward()
 
-    def skip_backward(self) -> None:
-        """Stand in for the backward of a skipped (non-finite) micro-batch.
+    def optimizer_step(self) -> tuple[float, bool]:
+        """End of an accumulation window: unscale, clip, step, zero.
 
-        DDP needs nothing (the window's gradients are dropped). DeepSpeed schedules its gradient
-        reductions on its own micro-batch count, so every rank still runs a backward, of a
-        surrogate with exactly zero gradients (parameters times zero), to keep that schedule.
-        """
-        if self.engine is None:
-            return
-        if self.zero_stage == 3:
-            raise RuntimeError(
-                "non-finite loss under ZeRO-3: partitioned parameters cannot take a surrogate "
-                "backward; lower optim.lr, enable optim.grad_clip or use zero_stage <= 2"
-            )
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        surrogate = sum((p * 0.0).sum() for p in params)
-        self.engine.backward(surrogate)
-        self._advance_micro_batch()
-
-    def _advance_micro_batch(self) -> None:
-        # DeepSpeed wants engine.step() after every backward; off the accumulation boundary it
-        # only counts the micro-batch. The boundary's step is optimizer_step().
-        if not self.engine.is_gradient_accumulation_boundary():
-            self.engine.step()
-
-    def optimizer_step(self, apply: bool = True) -> float | None:
-        """End of an accumulation window: unscale, clip, step, zero; returns the gradient norm.
-
-        ``apply=False`` skips the window's update (a micro-batch had a non-finite loss). DDP
-        drops the gradients. DeepSpeed must still take its boundary step (its reductions and
-        counters are collective), so it steps with a zero learning rate: no parameter moves
-        with any timm/torch optimizer (all scale their update and decoupled decay by the LR);
-        momentum buffers see one zero-gradient update.
+        Returns the gradient norm and whether the update was applied. A non-finite norm (a NaN or
+        inf loss or gradient on any rank) skips the update on every rank. The gradients are
+        already averaged across ranks here, so every rank computes the same norm and takes the
+        same decision without an extra collective; reading the norm on the host is the one
+        device sync per optimizer step.
         """
         if self.engine is not None:
-            if not self.engine.is_gradient_accumulation_boundary():
-                raise RuntimeError("optimizer_step() off DeepSpeed's accumulation boundary")
+            return self._deepspeed_step()
+        self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.grad_clip is not None:
+            norm = nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in params])
+        norm_value = float(norm)  # device sync: once per optimizer step
+        applied = math.isfinite(norm_value)
+        if applied:
+            self.scaler.step(self.optimizer)  # fp16: the scaler may still skip an inf step
+        self.scaler.update()  # fp16: a non-finite step lowers the loss scale
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm_value, applied
+
+    def _deepspeed_step(self) -> tuple[float, bool]:
+        """DeepSpeed's boundary step; ZeRO-1/2/3 skip a non-finite step themselves.
+
+        ZeRO-1/2/3 compute the global norm of the reduced gradients and treat a non-finite one
+        as an overflow (no update, gradients cleared, norm reported as inf). ZeRO-0 steps the
+        client optimizer directly, so the norm of the (already all-reduced) gradients is taken
+        here and a non-finite window steps with zero gradients at a zero learning rate (its
+        reductions and counters are collective, so every rank must still step).
+        """
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("optimizer_step() off DeepSpeed's accumulation boundary")
+        if self.zero_stage == 0:
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            norm_value = float(nn.utils.get_total_norm([p.grad for p in params]))
+            if math.isfinite(norm_value):
+                self.engine.step()
+                return norm_value, True
             saved = [group["lr"] for group in self.optimizer.param_groups]
-            if not apply:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = 0.0
-            self.engine.step()  # reduces (ZeRO), clips and applies the update
+            for group in self.optimizer.param_groups:
+                group["lr"] = 0.0
+            for p in params:
+                p.grad.zero_()
+            self.engine.step()
             for group, lr in zip(self.optimizer.param_groups, saved, strict=True):
                 group["lr"] = lr
-            norm = self.engine.get_global_grad_norm()
-            return None if norm is None or not apply else float(norm)
-        if not apply:
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        norm = None
-        if self.grad_clip is not None:
-            norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the step itself on inf/NaN gradients
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+            return norm_value, False
+        self.engine.step()  # reduces (ZeRO), clips and applies the update
+        norm = self.engine.get_global_grad_norm()
+        norm_value = float("nan") if norm is None else float(norm)
+        return norm_value, math.isfinite(norm_value)
+
+    def sync_norm_buffers(self) -> None:
+        """Average BatchNorm running statistics across ranks (timm's ``distribute_bn``).
+
+        Without SyncBN each rank's statistics follow its own data, so ranks would evaluate and
+        save different models; called before evaluation and before every save.
+        """
+        if self.average_norm_buffers:
+            distribute_bn(self.module, self.world_size, reduce=True)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
-
-
-def _match_norm_buffers(model: nn.Module, dtype: torch.dtype) -> None:
-    """Give BatchNorm running statistics the parameters' low-precision dtype.
-
-    DeepSpeed bf16/fp16 casts parameters but keeps buffers in fp32, and the BatchNorm kernels
-    (CPU, and CUDA without cuDNN's mixed path) refuse bf16 weights with fp32 statistics.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-            module.running_mean.data = module.running_mean.data.to(dtype)
-            module.running_var.data = module.running_var.data.to(dtype)
 
 
 def distribute(
@@ -317,6 +316,9 @@ def distribute(
         accumulation_steps=cfg.optim.accumulation_steps,
         grad_clip=cfg.optim.grad_clip,
         amp_dtype=autocast_dtype(cfg),
+        # one scaler, enabled for fp16 only; DeepSpeed's torch_autocast mode has its own
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
+        average_norm_buffers=world_size > 1 and not cfg.train.sync_bn,
     )
     if cfg.distributed.strategy == "deepspeed":
         import deepspeed  # only here: importing deepspeed is slow and probes accelerators
@@ -334,14 +336,18 @@ def distribute(
             timeout=timedelta(seconds=cfg.distributed.timeout_s),
             verbose=False,
         )
+        # DeepSpeed keeps its torch_autocast state in module globals that only an enabled
+        # engine sets: a later fp32 engine in the same process (tests, sweeps) would inherit an
+        # earlier run's fp16 GradScaler and low-precision gradient communication. Reset them.
+        from deepspeed.runtime import torch_autocast as ds_autocast
+
+        ds_autocast.TORCH_AUTOCAST_INITIALIZED = False
+        ds_autocast.TORCH_AUTOCAST_DTYPE = None
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size)
         )
-        if common["amp_dtype"] is not None:
-            _match_norm_buffers(model, common["amp_dtype"])
         return Distributed(strategy="deepspeed", model=engine, engine=engine, **common)
 
-    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     wrapped: nn.Module = model
     if world_size > 1:
         wrapped = DistributedDataParallel(
@@ -349,4 +355,4 @@ def distribute(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.distributed.find_unused_parameters,
         )
-    return Distributed(strategy="ddp", model=wrapped, scaler=scaler, **common)
+    return Distributed(strategy="ddp", model=wrapped, **common)

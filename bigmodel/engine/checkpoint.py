@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "full_state_dict",
     "is_complete",
     "load_checkpoint",
+    "prune_checkpoints",
     "save_checkpoint",
 ]
 
@@ -67,7 +69,9 @@ class TrainState:
     step_in_epoch: int = 0
     """Optimizer steps done in ``epoch``: the data position inside the epoch."""
     nonfinite: int = 0
-    """Micro-batches skipped so far for a non-finite loss."""
+    """Optimizer steps skipped so far for a non-finite gradient norm."""
+    best_score: float | None = None
+    """Best ``train.best_metric`` so far (the evaluation whose weights are in ``model/``)."""
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -78,6 +82,21 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def is_complete(directory: str | Path) -> bool:
     """True when the folder holds a finished checkpoint (its ``meta.json`` was written)."""
     return (Path(directory) / META).is_file()
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoint folders under ``run_dir/checkpoints``.
+
+    Call it on every rank after a save has completed everywhere (the loop does, after the
+    report barrier), so no folder is being written: ranks on other nodes hold only their own
+    partitions and no ``meta.json``, so folders are ordered by step, not by completeness. Ranks
+    of one node share the folder; one that another rank removed first is skipped.
+    """
+    folders = sorted((run_dir / "checkpoints").glob("step_*"))
+    removed = folders[: max(len(folders) - keep, 0)]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 def _barrier() -> None:
@@ -129,7 +148,7 @@ def save_checkpoint(
         _atomic_torch_save(
             {
                 "scheduler": dm.scheduler.state_dict(),
-                "scaler": dm.scaler.state_dict() if dm.scaler is not None else None,
+                "scaler": dm.scaler.state_dict(),  # empty unless fp16 under DDP
             },
             directory / "trainer.pt",
         )
@@ -177,9 +196,10 @@ def load_checkpoint(
         dm.optimizer.load_state_dict(saved["optimizer"])
     trainer = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)
     dm.scheduler.load_state_dict(trainer["scheduler"])
-    if dm.scaler is not None and trainer["scaler"] is not None:
+    if trainer["scaler"]:  # the loss scale of an fp16 run continues where it stopped
         dm.scaler.load_state_dict(trainer["scaler"])
-    state = TrainState(**{k: meta[k] for k in asdict(TrainState())})
+    defaults = asdict(TrainState())  # fields added later default in older checkpoints
+    state = TrainState(**{k: meta.get(k, v) for k, v in defaults.items()})
     dm.scheduler.step_update(state.step)  # the LR of the next update, as before the interruption
 
     rng_file = directory / "rng" / f"rank_{rank:05d}.pt"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from bigmodel.engine.checkpoint import (
     checkpoint_dir,
     full_state_dict,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
     set_rng_state,
 )
@@ -130,8 +132,13 @@ def fit(
     if resume_from is not None:
         state, rng = load_checkpoint(dm, resume_from, rank, world_size, cfg.seed)
         log.info("rank %d resumed from %s at step %d", rank, resume_from, state.step)
-    logger = RunLogger(run_dir, rank, world_size, device)
+    # a resumed run drops the rows a crashed attempt logged after its checkpoint
+    logger = RunLogger(run_dir, rank, world_size, device, resume_step=state.step)
     figures: dict[str, float] = {}
+    # Wall seconds per phase, written once at the end as time/* rows of metrics.csv (the e2e
+    # benchmark reads them to say where a run's time goes).
+    phase_s = dict.fromkeys(("loop", "data_wait", "eval", "checkpoint_write", "report"), 0.0)
+    loop_start = time.perf_counter()
 
     for epoch in range(state.epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
@@ -147,32 +154,32 @@ def fit(
         dm.model.train()
         logger.timer = StepTimer()  # the replay above is not training time
         for step_in_epoch in range(start + 1, steps_per_epoch + 1):
-            # --- forward + backward over the accumulation window
-            window_ok = True
+            # --- forward + backward over the accumulation window (no device sync in here)
             for micro in range(accumulation):
+                tick = time.perf_counter()
                 logger.timer.data_started()
                 batch = next(batches)
                 logger.timer.data_done(len(batch["image"]))
+                phase_s["data_wait"] += time.perf_counter() - tick
                 batch = _to_device(batch, device)
-                with dm.micro_batch(is_last=micro == accumulation - 1), dm.autocast():
-                    out = dm.model(dm.inputs(batch["image"]), batch)
-                    loss = out["loss"]
-                    # one scalar all-reduce per micro-batch: all ranks must agree to skip
-                    if _all_finite(loss, device):
-                        dm.backward(loss)
-                        logger.add_losses(out["losses"], loss)
-                    else:
-                        window_ok = False
-                        state.nonfinite += 1
-                        dm.skip_backward()
-            if state.nonfinite > cfg.train.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{state.nonfinite} non-finite losses (train.max_nonfinite="
-                    f"{cfg.train.max_nonfinite}) by step {state.step}: lower optim.lr, enable "
-                    f"optim.grad_clip, use train.precision=fp32/bf16, or check the data"
-                )
-            # --- optimizer step (DeepSpeed: reduce-scatter, clip, step), then the schedule
-            grad_norm = dm.optimizer_step(apply=window_ok)
+                with dm.micro_batch(is_last=micro == accumulation - 1):
+                    with dm.autocast():
+                        out = dm.model(batch["image"], batch)
+                    dm.backward(out["loss"])
+                logger.add_losses(out["losses"], out["loss"])
+            # --- optimizer step (DeepSpeed: reduce-scatter, clip, step), then the schedule.
+            # The gradient norm is read on the host here: the one sync per step. A non-finite
+            # norm (NaN/inf loss or gradient on any rank) skips the update on every rank.
+            grad_norm, applied = dm.optimizer_step()
+            if not applied:
+                state.nonfinite += 1
+                if state.nonfinite > cfg.train.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{state.nonfinite} optimizer steps skipped for a non-finite gradient "
+                        f"norm (train.max_nonfinite={cfg.train.max_nonfinite}) by step "
+                        f"{state.step + 1}: lower optim.lr, enable optim.grad_clip, use "
+                        f"train.precision=fp32/bf16, or check the data"
+                    )
             state.step += 1
             state.step_in_epoch = step_in_epoch
             dm.scheduler.step_update(state.step)  # the LR of the next update
@@ -182,7 +189,7 @@ def fit(
             # --- log (one all-reduce per log step)
             report: dict[str, float] = {}
             if state.step % cfg.train.log_every == 0 or run_done:
-                figures = logger.step_figures(dm.lr(), grad_norm)
+                figures = logger.step_figures(dm.lr(), grad_norm if applied else None)
                 figures["nonfinite_skipped"] = float(state.nonfinite)
                 logger.write(state.step, epoch, figures)
                 report.update(figures)
@@ -194,9 +201,17 @@ def fit(
                 and cfg.train.eval_every
                 and ((epoch + 1) % cfg.train.eval_every == 0 or run_done)
             ):
+                tick = time.perf_counter()
+                dm.sync_norm_buffers()  # ranks evaluate the same model (no-op with SyncBN)
                 results = evaluate(dm, eval_loader, metrics, cfg)
+                phase_s["eval"] += time.perf_counter() - tick
                 logger.write(state.step, epoch, results, prefix="val/")
                 report.update({f"val/{k}": v for k, v in results.items()})
+                if cfg.train.best_metric is not None and _improves(cfg, report, state.best_score):
+                    # model/ holds the best evaluated weights (collective under ZeRO-3)
+                    state.best_score = report[cfg.train.best_metric]
+                    card = {**figures, **report, "step": float(state.step), "epoch": float(epoch)}
+                    _save_model_folder(dm, cfg, run_dir, card, manifest_path)
                 dm.model.train()
 
             # --- checkpoint: every checkpoint_every steps, or per epoch; always at the end
@@ -205,20 +220,57 @@ def fit(
             if (every and state.step % every == 0) or (epoch_done and not every) or run_done:
                 if epoch_done:  # the position is "start of the next epoch"
                     state.epoch, state.step_in_epoch = epoch + 1, 0
+                tick = time.perf_counter()
+                dm.sync_norm_buffers()  # every rank saves the same statistics (no-op with SyncBN)
                 saved = save_checkpoint(
                     dm, checkpoint_dir(run_dir, state.step), state, rank, world_size
                 )
+                phase_s["checkpoint_write"] += time.perf_counter() - tick
             if report or saved is not None:
                 report.update(step=float(state.step), epoch=float(epoch))
+                tick = time.perf_counter()  # a barrier; Ray copies a checkpoint to storage here
                 session.report(report, str(saved) if saved is not None else None)
+                phase_s["report"] += time.perf_counter() - tick
+            if saved is not None and cfg.train.keep_checkpoints:
+                # after report: Ray has copied the folder to storage (and prunes its own copies)
+                prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
             figures.update(report)
         state.epoch, state.step_in_epoch = epoch + 1, 0
 
-    weights = full_state_dict(dm)  # collective under ZeRO-3
-    if rank == 0:
-        save_model(weights, cfg, run_dir / "model", figures, manifest_path)
+    phase_s["loop"] = time.perf_counter() - loop_start
+    logger.write(state.step, cfg.train.epochs - 1, phase_s, prefix="time/")
+    if cfg.train.best_metric is None or state.best_score is None:
+        dm.sync_norm_buffers()
+        _save_model_folder(dm, cfg, run_dir, figures, manifest_path)
     logger.close()
     return figures
+
+
+def _improves(cfg: Config, report: dict[str, float], best: float | None) -> bool:
+    """True when ``train.best_metric`` in this evaluation's report beats ``best``."""
+    name = cfg.train.best_metric
+    if name not in report:
+        raise ValueError(
+            f"train.best_metric={name!r} is not a reported figure; this step reports "
+            f"{', '.join(sorted(report))}"
+        )
+    value = report[name]
+    if best is None:
+        return True
+    return value > best if cfg.train.best_mode == "max" else value < best
+
+
+def _save_model_folder(
+    dm: Distributed,
+    cfg: Config,
+    run_dir: Path,
+    figures: dict[str, float],
+    manifest_path: Path | None,
+) -> None:
+    """Write ``model/`` from the current weights (fp32). Collective: call it on every rank."""
+    weights = full_state_dict(dm)  # gathers the partitions under ZeRO-3
+    if weights is not None:
+        save_model(weights, cfg, run_dir / "model", figures, manifest_path)
 
 
 @torch.no_grad()
@@ -256,11 +308,11 @@ def evaluate(
                 size = cfg.data.image_size
                 last_images = torch.zeros(1, cfg.model.backbone.in_chans or 3, size, size)
             with dm.autocast():
-                module(dm.inputs(last_images.to(device)))  # joins other ranks' gathers
+                module(last_images.to(device))  # joins other ranks' gathers
             continue
         batch = _to_device(batch, device)
         with dm.autocast():
-            out = module(dm.inputs(batch["image"]))
+            out = module(batch["image"])
         metrics.update(out["outputs"], batch)
         keys.extend(batch["key"])
         last_images = batch["image"][:1]
@@ -313,14 +365,6 @@ def _all_reduce_int(value: int, device: torch.device, op: dist.ReduceOp) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=op)
     return int(tensor.item())
-
-
-def _all_finite(loss: torch.Tensor, device: torch.device) -> bool:
-    """True when the loss is finite on every rank (a device sync, and a collective when dist)."""
-    bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
