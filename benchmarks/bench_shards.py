@@ -40,7 +40,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from bigmodel.config import Config
-from bigmodel.data import collate, load_manifest, make_eval_loader
+from bigmodel.data import collate, data_intensity, load_manifest, make_eval_loader
 from bigmodel.data._augment import SampleTransform
 from bigmodel.data._decode import SampleDecoder, png_handler
 
@@ -146,7 +146,7 @@ class _Samples(Dataset):
         self.source = source  # a list of raw dicts (memory) or of member-file lists (files)
         self.decode = wds.Decoder([png_handler])
         self.to_tensors = SampleDecoder(manifest)
-        self.transform = SampleTransform(cfg.data.image_size, manifest.mean, manifest.std, None)
+        self.transform = SampleTransform(cfg.data.image_size, data_intensity(cfg, manifest), None)
 
     def __len__(self) -> int:
         return len(self.source)

@@ -8,8 +8,10 @@ goes through the real ``bigmodel-shard build --source nifti`` path.
   the data side turns into "no label" for the classification head.
 - ``case_XX.nii.gz``: 48 x 48 x 12 int16 volumes in the same intensity range as the real one
   (so one normalisation fits both), with a body ellipse and, in half of the patients, a bright
-  lesion running through every slice (so every slice's label is right); masks background /
-  tissue / lesion, diagnosis ``lesion`` or ``normal``.
+  ellipsoid lesion spanning a few slices; masks background / tissue / lesion, diagnosis
+  ``lesion`` or ``normal`` per patient. The build reads each slice's diagnosis from its mask
+  (``slice_labels=mask``): a lesion patient's slices without lesion are ``normal`` slices, so the
+  classifier must find the lesion rather than recognise the patient.
 
 The CSV's ``split`` column puts the last pairs of patients (one normal, one lesion each) in
 ``val`` and ``test`` (one pair each below 12 patients, two pairs each from 12 on), so both
@@ -62,13 +64,18 @@ def _generated_case(rng: np.random.Generator, with_lesion: bool) -> tuple[np.nda
     label[body] = 1
     image = rng.normal(300, 150, size=shape)  # background
     image[body, :] = rng.normal(8000, 900, size=(int(body.sum()), shape[2]))  # tissue
-    if with_lesion:
+    if with_lesion:  # an ellipsoid: a disc whose radius shrinks away from its centre slice
         lx = cx + rng.uniform(-ax / 3, ax / 3)
         ly = cy + rng.uniform(-ay / 3, ay / 3)
-        radius = rng.uniform(4, 7)
-        lesion = ((x - lx) ** 2 + (y - ly) ** 2 <= radius**2) & body
-        label[lesion] = 2
-        image[lesion, :] = rng.normal(12500, 900, size=(int(lesion.sum()), shape[2]))  # bright
+        radius = rng.uniform(6, 9)
+        centre, half_depth = rng.uniform(4, shape[2] - 5), rng.uniform(3, 4.5)
+        for z in range(shape[2]):
+            shrink = 1 - ((z - centre) / half_depth) ** 2
+            if shrink < 0.5:  # the ellipsoid's tips: no lesion under ~3 px radius
+                continue
+            disc = ((x - lx) ** 2 + (y - ly) ** 2 <= radius**2 * shrink) & body
+            label[disc, z] = 2
+            image[disc, z] = rng.normal(12500, 900, size=int(disc.sum()))  # bright
     return image.astype(np.int16), label
 
 

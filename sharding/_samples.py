@@ -22,6 +22,20 @@ from sharding.records import Reader, SourceError, SourceItem, Volume
 AXES = {"z": 0, "y": 1, "x": 2}
 """Spatial dimension of ``[D, H, W]`` that each ``--axis`` slices along (readers put z first)."""
 
+SLICE_LABEL_POLICIES = ("auto", "mask", "volume", "copy")
+"""How a volume's ``cls`` label reaches its 2D/2.5D slices (``-o slice_labels=...``):
+
+* ``mask``: each slice's label from its own mask: a slice is positive for a class when its mask
+  holds that class (``cls`` classes are matched to ``mask`` classes by name; the one ``cls`` class
+  that is not a mask class, e.g. ``normal``, is the label of slices without any);
+* ``volume``: slices carry no ``cls``; the volume's label is kept in ``meta.json``
+  (``volume_cls``), since a tumour volume's tumour-free slices are not tumour slices;
+* ``copy``: every slice gets the volume's label (right only when the finding is in every slice);
+* ``auto``: ``mask`` when the ``cls`` classes can be read from the masks, else ``volume``.
+
+2D sources and 3D samples are one sample per item and keep the item's label whatever the policy.
+"""
+
 
 @dataclass(frozen=True)
 class SamplePlan:
@@ -39,6 +53,8 @@ class SamplePlan:
     """The task schema, to reject unknown classes."""
     source_root: str = ""
     """Paths in ``meta.json`` are written relative to this."""
+    slice_labels: str = "copy"
+    """Resolved slice-label policy (``mask``, ``volume`` or ``copy``; see SLICE_LABEL_POLICIES)."""
 
 
 @dataclass
@@ -55,6 +71,8 @@ class ItemResult:
     channel_names: list[str] = field(default_factory=list)
     encoding: str = "npy"
     label_counts: dict[str, list[int]] = field(default_factory=dict)
+    modality: str = ""
+    """``meta["modality"]`` of the item (CT, MR, ...), empty when the reader does not know."""
     error: SourceError | None = None
 
 
@@ -87,13 +105,20 @@ def _encode_item(item: SourceItem, vol: Volume, plan: SamplePlan) -> ItemResult:
     meta["source_id"] = item.source_id
 
     result = ItemResult(item.source_id, stats=ChannelStats(0), dtype=str(image.dtype))
+    result.modality = str(meta.get("modality", "") or "").upper()
+    sliced = image.ndim == 4 and plan.layout != "3d"
+    policy = plan.slice_labels if sliced and item.cls is not None else "copy"
+    if policy == "mask" and mask is None:
+        policy = "volume"  # no mask to read slice labels from: keep the label at volume level
+    if policy == "mask":
+        _check_volume_label(item, mask, plan)
     for key, img, msk, extra in _cut(item.source_id, image, mask, vol.spacing, plan):
         sample_meta = {**meta, **extra}
         if result.stats.channels == 0:
             result.stats = ChannelStats(img.shape[0])
             result.channels = img.shape[0]
             result.sample_ndim = img.ndim
-        result.stats.add_image(key, img)
+        result.stats.add_image(key, img, msk)
         encoding = _image_encoding(img, encoding_hint)
         result.encoding = encoding
         sample = {"__key__": key}
@@ -101,19 +126,104 @@ def _encode_item(item: SourceItem, vol: Volume, plan: SamplePlan) -> ItemResult:
         if msk is not None:
             name, data = _encode_mask(msk)
             sample[name] = data
-        if item.cls is not None:
-            if isinstance(item.cls, list):
-                sample[fmt.CLS_MULTI] = json.dumps(item.cls).encode()
+        cls = item.cls
+        if policy == "mask":
+            cls = slice_label(item.cls, msk, plan.tasks)
+        elif policy == "volume":
+            sample_meta["volume_cls"], cls = item.cls, None
+        if cls is not None:
+            if isinstance(cls, list):
+                sample[fmt.CLS_MULTI] = json.dumps(cls).encode()
             else:
-                sample[fmt.CLS] = str(int(item.cls)).encode()
+                sample[fmt.CLS] = str(int(cls)).encode()
         if item.boxes is not None and img.ndim == 3:
             sample[fmt.BOXES] = json.dumps(item.boxes).encode()
         sample[fmt.GROUP] = item.group.encode()
         sample[fmt.META] = json.dumps(sample_meta, sort_keys=True, default=_json_default).encode()
         result.samples.append(sample)
-        _count_labels(result.label_counts, item, msk, plan.tasks)
+        _count_labels(result.label_counts, cls, item.boxes, msk, plan.tasks)
     result.channel_names = _stacked_names(channel_names, plan, image.ndim)
     return result
+
+
+def _class_map(tasks: dict[str, Any]) -> tuple[dict[int, int], list[int]]:
+    """``{cls index: mask value}`` for cls classes that are mask classes, and the other cls indices."""
+    cls_classes = (tasks.get("cls") or {}).get("classes") or []
+    mask_classes = (tasks.get("mask") or {}).get("classes") or []
+    # Mask value 0 is background: a cls class named like it is never "present in the mask".
+    by_name = {str(name): value for value, name in enumerate(mask_classes) if value > 0}
+    mapped = {i: by_name[str(c)] for i, c in enumerate(cls_classes) if str(c) in by_name}
+    return mapped, [i for i in range(len(cls_classes)) if i not in mapped]
+
+
+def resolve_slice_labels(policy: str, tasks: dict[str, Any], layout: str) -> str:
+    """The slice-label policy a build uses (``auto`` resolved); errors name the option and fix."""
+    if policy not in SLICE_LABEL_POLICIES:
+        raise SourceError(
+            f"-o slice_labels={policy}", "unknown policy", f"use one of {SLICE_LABEL_POLICIES}"
+        )
+    if layout == "3d":
+        return "copy"  # a 3D sample is the volume (or a patch of it) and keeps its label
+    mapped, others = _class_map(tasks)
+    multilabel = (tasks.get("cls") or {}).get("type") == "multilabel"
+    readable = bool(mapped) and (multilabel or len(others) == 1)
+    if policy == "auto":
+        return "mask" if readable else "volume"
+    if policy == "mask" and not readable:
+        cls_classes = (tasks.get("cls") or {}).get("classes")
+        mask_classes = (tasks.get("mask") or {}).get("classes")
+        raise SourceError(
+            "-o slice_labels=mask",
+            f"cannot read cls classes {cls_classes} from mask classes {mask_classes}: a "
+            "multi-class label needs at least one cls class named as a mask class and exactly "
+            "one that is not (the label of slices without any)",
+            "name the classes to match, or use -o slice_labels=volume or copy",
+        )
+    return policy
+
+
+def slice_label(volume_cls: int | list[int], mask: np.ndarray, tasks: dict[str, Any]):
+    """A slice's ``cls`` from its mask (policy ``mask``): positive where the mask has the class.
+
+    Multi-label: 1/0 per class read from the mask, ``-1`` (unknown) for classes the mask does not
+    annotate. Multi-class: the mask-annotated class present in the slice, else the one cls class
+    that is not a mask class.
+    """
+    mapped, others = _class_map(tasks)
+    present = set(np.unique(mask).tolist())
+    if isinstance(volume_cls, list):
+        return [int(mapped[i] in present) if i in mapped else -1 for i in range(len(volume_cls))]
+    found = [i for i, value in mapped.items() if value in present]
+    if len(found) > 1:
+        names = [tasks["cls"]["classes"][i] for i in found]
+        raise SourceError(
+            "-o slice_labels=mask",
+            f"a slice holds several cls classes {names}; one multi-class label cannot say so",
+            "make the cls task multi-label, or use -o slice_labels=volume",
+        )
+    return found[0] if found else others[0]
+
+
+def _check_volume_label(item: SourceItem, mask: np.ndarray, plan: SamplePlan) -> None:
+    """Refuse a volume label that its own mask contradicts (policy ``mask``)."""
+    mapped, _ = _class_map(plan.tasks)
+    present = set(np.unique(mask).tolist())
+    classes = plan.tasks["cls"]["classes"]
+    labels = item.cls if isinstance(item.cls, list) else None
+    for i, value in mapped.items():
+        said = labels[i] == 1 if labels is not None else item.cls == i
+        if labels is not None and labels[i] == -1:
+            continue
+        if said != (value in present):
+            file = item.paths.get("mask", item.paths.get("image", item.source_id))
+            verb = "has no" if said else "has"
+            raise SourceError(
+                file,
+                f"the volume's cls label {'says' if said else 'denies'} {classes[i]!r} but its "
+                f"mask {verb} {classes[i]!r} voxels, so slice labels read from the mask would "
+                "contradict it",
+                "fix the label or the mask, or use -o slice_labels=volume or copy",
+            )
 
 
 def _check_image(image: np.ndarray, file: str, plan: SamplePlan) -> np.ndarray:
@@ -276,25 +386,25 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _count_labels(counts: dict[str, list[int]], item: SourceItem, mask, tasks) -> None:
+def _count_labels(counts: dict[str, list[int]], cls, boxes, mask, tasks) -> None:
     """Per-class tallies for ``inspect``: samples per class, mask pixels per class, boxes."""
-    if item.cls is not None and "cls" in tasks:
+    if cls is not None and "cls" in tasks:
         n = len(tasks["cls"]["classes"])
         row = counts.setdefault("cls", [0] * n)
-        if isinstance(item.cls, list):
-            for i, v in enumerate(item.cls):
+        if isinstance(cls, list):
+            for i, v in enumerate(cls):
                 row[i] += int(v == 1)
         else:
-            row[int(item.cls)] += 1
+            row[int(cls)] += 1
     if mask is not None and "mask" in tasks:
         n = len(tasks["mask"]["classes"])
         row = counts.setdefault("mask", [0] * n)
         hist = np.bincount(mask.ravel(), minlength=max(n, 256))[:n]
         for i in range(n):
             row[i] += int(hist[i])
-    if item.boxes is not None and "boxes" in tasks:
+    if boxes is not None and "boxes" in tasks:
         row = counts.setdefault("boxes", [0] * len(tasks["boxes"]["classes"]))
-        for label in item.boxes["labels"]:
+        for label in boxes["labels"]:
             row[int(label)] += 1
 
 

@@ -6,6 +6,12 @@ every pixel gets a pseudo-random priority derived from its sample key and positi
 ``RESERVOIR`` pixels with the smallest priorities are kept. Unlike a classic reservoir, the kept
 set depends only on which pixels exist, not on the order they arrive in, so parallel builds and
 resumed builds give the same numbers as a straight run.
+
+When a sample has a label map, its foreground pixels (label > 0, not ignore) are also counted
+apart (``foreground``): nnU-Net's CT normalisation clips to the foreground's 0.5/99.5 percentiles
+and z-scores with its mean/std, so that air and the table do not set the scale. The smallest and
+largest image sides are kept too, so a reader can refuse a resize that would change the spacing
+too much before it reads any pixel.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ class ChannelStats:
     """``[channels, <=RESERVOIR]`` kept pixel values."""
     priority: np.ndarray = field(default=None)  # type: ignore[assignment]
     """Priorities of the kept pixels (same for every channel)."""
+    foreground: ChannelStats | None = None
+    """The same statistics over pixels whose label is foreground (samples with a mask)."""
+    side_min: list[int] | None = None
+    """Smallest spatial size seen per dimension (``[H, W]`` for 2D samples)."""
+    side_max: list[int] | None = None
+    """Largest spatial size seen per dimension."""
 
     def __post_init__(self) -> None:
         if self.mean is None:
@@ -46,12 +58,34 @@ class ChannelStats:
             self.values = np.zeros((self.channels, 0))
             self.priority = np.zeros(0)
 
-    def add_image(self, key: str, image: np.ndarray) -> None:
-        """Add one sample's image ``[C, ...]``; ``key`` seeds its pixels' priorities."""
+    def add_image(self, key: str, image: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Add one sample's image ``[C, ...]``; ``key`` seeds its pixels' priorities.
+
+        ``mask`` (the sample's label map, same spatial shape) adds its foreground pixels to
+        :attr:`foreground` as well.
+        """
         flat = image.reshape(image.shape[0], -1).astype(np.float64)
         n = flat.shape[1]
         if n == 0:
             return
+        self._add_shape(list(image.shape[1:]), list(image.shape[1:]))
+        if mask is not None and mask.shape == image.shape[1:]:
+            inside = (mask > 0) & (mask != 255)  # 255: not annotated (format.MASK_IGNORE)
+            if inside.any():
+                if self.foreground is None:
+                    self.foreground = ChannelStats(image.shape[0])
+                self.foreground.add_image(key, image[:, inside][:, :, None])
+        self._add_pixels(key, flat)
+
+    def _add_shape(self, low: list[int], high: list[int]) -> None:
+        if self.side_min is None or len(self.side_min) != len(low):
+            self.side_min, self.side_max = list(low), list(high)
+            return
+        self.side_min = [min(a, b) for a, b in zip(self.side_min, low, strict=True)]
+        self.side_max = [max(a, b) for a, b in zip(self.side_max, high, strict=True)]
+
+    def _add_pixels(self, key: str, flat: np.ndarray) -> None:
+        n = flat.shape[1]
         part = ChannelStats(self.channels, float(n), flat.mean(axis=1))
         part.m2 = ((flat - part.mean[:, None]) ** 2).sum(axis=1)
         prio = _priorities(key, n)
@@ -71,6 +105,12 @@ class ChannelStats:
         """Fold ``other`` into this one (exact for mean/std; bottom-k union for the sample)."""
         if other.count == 0:
             return
+        if other.side_min is not None:
+            self._add_shape(other.side_min, other.side_max)
+        if other.foreground is not None:
+            if self.foreground is None:
+                self.foreground = ChannelStats(other.foreground.channels)
+            self.foreground.merge(other.foreground)
         if self.count == 0:  # empty (possibly channel-less) accumulator: adopt the other's shape
             self.channels = other.channels
             self.mean, self.m2 = np.zeros(other.channels), np.zeros(other.channels)
@@ -96,7 +136,7 @@ class ChannelStats:
             return {}
         std = np.sqrt(self.m2 / self.count)
         lo, hi = np.percentile(self.values, [0.5, 99.5], axis=1)
-        return {
+        summary: dict[str, Any] = {
             "mean": [float(v) for v in self.mean],
             "std": [float(v) for v in std],
             "p0_5": [float(v) for v in lo],
@@ -104,6 +144,13 @@ class ChannelStats:
             "count": int(self.count),
             "percentiles_from": f"bottom-k sample of {self.priority.size} pixels per channel",
         }
+        if self.side_min is not None:
+            summary["image_size"] = {"min": self.side_min, "max": self.side_max}
+        if self.foreground is not None and self.foreground.count:
+            foreground = self.foreground.summary()
+            foreground.pop("image_size", None)
+            summary["foreground"] = foreground
+        return summary
 
     def to_state(self) -> dict[str, Any]:
         """A JSON-able snapshot; arrays as base64 float64 (exact, and 50x faster than lists)."""
@@ -114,12 +161,16 @@ class ChannelStats:
             "m2": self.m2.tolist(),
             "values": _b64(self.values),
             "priority": _b64(self.priority),
+            "foreground": self.foreground.to_state() if self.foreground is not None else None,
+            "side_min": self.side_min,
+            "side_max": self.side_max,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ChannelStats:
         """Inverse of :meth:`to_state`."""
         channels = int(state["channels"])
+        foreground = state.get("foreground")
         return cls(
             channels,
             float(state["count"]),
@@ -127,6 +178,9 @@ class ChannelStats:
             np.asarray(state["m2"], dtype=np.float64),
             _unb64(state["values"]).reshape(channels, -1),
             _unb64(state["priority"]),
+            cls.from_state(foreground) if foreground else None,
+            state.get("side_min"),
+            state.get("side_max"),
         )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from sharding import __version__
 from sharding import format as fmt
 from sharding._parallel import run_ordered
-from sharding._samples import AXES, ItemResult, SamplePlan, process_item
+from sharding._samples import AXES, ItemResult, SamplePlan, process_item, resolve_slice_labels
 from sharding._stats import ChannelStats
 from sharding._writer import ShardSink, atomic_write_json
 from sharding.records import Reader, SourceError, SourceItem
@@ -68,6 +68,9 @@ class BuildOptions:
     command: str = ""
     """The command line, recorded in the manifest."""
     progress: bool = True
+    slice_labels: str = "auto"
+    """How a volume's cls label reaches its slices (``-o slice_labels=``; see
+    ``sharding._samples.SLICE_LABEL_POLICIES``)."""
 
     def validate(self) -> None:
         """Raise :class:`SourceError` naming the flag and its allowed values."""
@@ -121,6 +124,9 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
     assignment = assign_splits(items, options.split_ratios, options.seed, options.use_source_split)
     folds = assign_folds(items, assignment, options.folds, options.seed) if options.folds else {}
     tasks_json = schema.to_json()
+    slice_labels = resolve_slice_labels(options.slice_labels, tasks_json, options.layout)
+    if "cls" in tasks_json and options.layout != "3d":  # so readers know what a slice's cls is
+        tasks_json["cls"]["slice_labels"] = slice_labels
     fingerprint = _fingerprint(reader, items, assignment, tasks_json, options)
     done = _prepare_out_dir(out, fingerprint)
     if done is not None:
@@ -147,6 +153,7 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
         force_dtype=options.dtype is not None,
         tasks=tasks_json,
         source_root=source_path,
+        slice_labels=slice_labels,
     )
     todo = [
         (split, idx, item)
@@ -366,7 +373,10 @@ def _check_consistent(
         "sample_ndim": result.sample_ndim,
     }
     image = state["image"]
-    if not image:
+    if result.modality and not image.get("modality"):  # the first item that names one
+        image["modality"] = result.modality
+        atomic_write_json(out / STATE_DIR / "state.json", state)
+    if not image.get("channels"):
         image.update(seen)
         atomic_write_json(out / STATE_DIR / "state.json", state)
         return
@@ -427,6 +437,7 @@ def _manifest(reader, options, state, fingerprint, tasks_json, by_split, journal
             "dtype": image.get("dtype", ""),
             "channels": image.get("channels", 0),
             "channel_names": image.get("channel_names", []),
+            "modality": image.get("modality", ""),
         },
         "tasks": tasks_json,
         "stats": overall.summary(),

@@ -120,7 +120,16 @@ def _reader(args: argparse.Namespace):
                 f"--option {text}", "expected KEY=VALUE", f"options: {list(cls.OPTIONS)}"
             )
         options[key.strip()] = value.strip()
+    # A build option (BuildOptions.slice_labels), not the reader's.
+    options.pop("slice_labels", None)
     return cls(args.input, **options)
+
+
+def _slice_labels(option: list[str]) -> str:
+    """``-o slice_labels=POLICY`` (the last one wins), ``auto`` when absent."""
+    pairs = [o.partition("=") for o in option]
+    values = [value.strip() for key, _, value in pairs if key.strip() == "slice_labels"]
+    return values[-1] if values else "auto"
 
 
 def _build(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -143,6 +152,7 @@ def _build(args: argparse.Namespace, argv: Sequence[str]) -> int:
         dtype=args.dtype,
         command=shlex.join(["bigmodel-shard", *argv]),
         progress=not args.quiet,
+        slice_labels=_slice_labels(args.option),
     )
     if any(o.partition("=")[0].strip() == "help" for o in args.option):
         print(f"options of --source {args.source}:")

@@ -49,6 +49,16 @@ TASK_MEMBERS = {
     "boxes": (BOXES,),
 }
 
+# (center, width) in HU: the common radiology window presets. The DICOM reader records one per
+# sample in meta.json ("window"); bigmodel.data.intensity clips CT to a named one or to that.
+CT_WINDOWS = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "brain": (40.0, 80.0),
+    "bone": (400.0, 1800.0),
+    "abdomen": (40.0, 400.0),
+}
+
 UNKNOWN_LABEL = -1  # in multi-label vectors
 MASK_IGNORE = 255  # in label maps: not annotated
 
@@ -92,9 +102,11 @@ MANIFEST_EXAMPLE = {
         "dtype": "int16",
         "channels": 1,
         "channel_names": ["CT"],
+        "modality": "CT",  # from the readers' meta; "" when unknown
     },
     "tasks": {
-        "cls": {"type": "multiclass", "classes": ["normal", "tumour"]},  # or "multilabel"
+        # type "multiclass" or "multilabel"; slice_labels (2D/2.5D): "mask", "volume" or "copy"
+        "cls": {"type": "multiclass", "classes": ["normal", "tumour"], "slice_labels": "mask"},
         "mask": {"classes": ["background", "liver", "tumour"]},
         "boxes": {"classes": ["lesion"]},
     },
@@ -103,6 +115,8 @@ MANIFEST_EXAMPLE = {
         "std": [1.0],
         "p0_5": [-1000.0],
         "p99_5": [400.0],
+        "image_size": {"min": [512, 512], "max": [512, 512]},  # spatial sides seen
+        "foreground": {"mean": [60.0], "std": [40.0], "p0_5": [-80.0], "p99_5": [250.0]},
     },
     "splits": {
         "train": {

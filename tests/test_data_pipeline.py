@@ -22,7 +22,8 @@ from bigmodel.data import (
     make_train_loader,
     train_batches_per_epoch,
 )
-from bigmodel.data._augment import SampleTransform
+from bigmodel.data._augment import SampleTransform, collate
+from bigmodel.data.intensity import IntensitySpec
 from sharding import format as fmt
 
 TASKS = {
@@ -289,7 +290,7 @@ def test_masks_and_boxes_follow_flips_and_crops(seed):
     from bigmodel.config import AugmentConfig
 
     augment = AugmentConfig(hflip=0.5, vflip=0.5, random_crop=True, intensity_jitter=0.0)
-    transform = SampleTransform(24, mean=None, std=None, augment=augment, boxes=True)
+    transform = SampleTransform(24, intensity=None, augment=augment, boxes=True)
     sample = {
         "image": image,
         "mask": mask,
@@ -311,20 +312,46 @@ def test_masks_and_boxes_follow_flips_and_crops(seed):
     assert corner.sum() <= 1 and len(out["boxes"]) == len(out["labels"])
 
 
-def test_eval_pads_masks_with_ignore_and_centres():
-    transform = SampleTransform(20, mean=(1.0,), std=(2.0,), augment=None, boxes=True)
-    image = torch.full((1, 10, 30), 5.0)
+def test_eval_keeps_whole_images_and_collate_pads_bottom_right():
+    """Evaluation crops nothing; a batch of different sizes is padded (mask: ignore)."""
+    spec = IntensitySpec("dataset", mean=(1.0,), std=(2.0,))
+    transform = SampleTransform(20, intensity=spec, augment=None, boxes=True)
+    samples = []
+    for height, width in ((10, 30), (24, 12)):
+        sample = {
+            "image": torch.full((1, height, width), 5.0),
+            "mask": torch.ones(height, width, dtype=torch.int64),
+            "boxes": torch.tensor([[0.0, 0.0, float(width), float(height)]]),
+            "labels": torch.tensor([0]),
+            "key": f"k{height}",
+            "group": "g",
+            "has": {"mask": True, "boxes": True},
+        }
+        samples.append(transform(sample))
+    assert samples[0]["image"].shape == (1, 10, 30)  # larger than image_size: not cropped
+    assert (samples[0]["image"] == 2.0).all()
+    batch = collate(samples)
+    assert batch["image"].shape == (2, 1, 24, 30) and batch["mask"].shape == (2, 24, 30)
+    assert (batch["mask"][0, 10:] == 255).all() and (batch["mask"][1, :, 12:] == 255).all()
+    assert (batch["image"][0, 0, 10:] == 0).all() and (batch["mask"][0, :10] == 1).all()
+    assert batch["boxes"][0]["boxes"].tolist() == [[0.0, 0.0, 30.0, 10.0]]
+
+
+def test_resize_fit_keeps_aspect_pads_and_scales_boxes():
+    transform = SampleTransform(20, intensity=None, augment=None, boxes=True, resize="fit")
     sample = {
-        "image": image,
-        "mask": torch.ones(10, 30, dtype=torch.int64),
-        "boxes": torch.tensor([[0.0, 0.0, 30.0, 10.0]]),
+        "image": torch.ones(1, 20, 40),
+        "mask": torch.ones(20, 40, dtype=torch.int64),
+        "boxes": torch.tensor([[0.0, 0.0, 40.0, 20.0]]),
         "labels": torch.tensor([0]),
     }
     out = transform(sample)
     assert out["image"].shape == (1, 20, 20)
-    assert (out["image"][0, :5] == 0).all() and (out["image"][0, 5:15] == 2.0).all()
     assert (out["mask"][:5] == 255).all() and (out["mask"][5:15] == 1).all()
     assert out["boxes"].tolist() == [[0.0, 5.0, 20.0, 15.0]]
+    too_far = SampleTransform(20, intensity=None, augment=None, resize="fit", resize_tolerance=1.5)
+    with pytest.raises(ValueError, match=r"changing its spacing 2.00x.*resize_tolerance=1.5"):
+        too_far({"image": torch.ones(1, 20, 40)})
 
 
 def test_persistent_workers_follow_the_epoch(tmp_path):

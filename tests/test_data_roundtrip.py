@@ -78,8 +78,13 @@ class ArrayReader:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
+    # The random masks say nothing about cls classes a-d: the volume label is copied by request.
     options = BuildOptions(
-        split_ratios=(0.5, 0.5, 0.0), max_shard_samples=3, progress=False, name="arrays"
+        split_ratios=(0.5, 0.5, 0.0),
+        max_shard_samples=3,
+        progress=False,
+        name="arrays",
+        slice_labels="copy",
     )
     build_shards(ArrayReader(), out, options)
     return out
@@ -146,7 +151,9 @@ def test_real_nifti_through_the_reader_reads_back_slice_by_slice(tmp_path):
         "image,mask,patient_id,label\nanat.nii,anat_mask.nii,P1,tumour\n"
     )
     reader = NiftiCsvReader(str(src / "labels.csv"), mask_classes="background,tissue,bright")
-    build_shards(reader, tmp_path / "out", BuildOptions(split_ratios=(1, 0, 0), progress=False))
+    # "tumour" names no mask class, so the label is copied onto every slice only when asked.
+    options = BuildOptions(split_ratios=(1, 0, 0), progress=False, slice_labels="copy")
+    build_shards(reader, tmp_path / "out", options)
 
     manifest = load_manifest(tmp_path / "out")
     cfg = make_cfg(image_size=41, normalize="none", eval_batch_size=8)
@@ -156,12 +163,8 @@ def test_real_nifti_through_the_reader_reads_back_slice_by_slice(tmp_path):
         for i, key in enumerate(batch["key"]):
             z = int(key.rsplit("_z", 1)[1])
             seen.append(z)
-            # [H, W] = [y, x]; the 33-pixel width is centre-padded by 4 on each side to 41
+            # [H, W] = [y, x]; evaluation reads the whole 41 x 33 slice, nothing cropped
             want = torch.from_numpy(data[:, :, z].T.astype(np.float32))
-            assert torch.equal(batch["image"][i, 0, :, 4:37], want)
-            assert (batch["image"][i, 0, :, :4] == 0).all()
-            assert torch.equal(
-                batch["mask"][i, :, 4:37], torch.from_numpy(mask[:, :, z].T.astype(np.int64))
-            )
-            assert (batch["mask"][i, :, :4] == 255).all()
+            assert torch.equal(batch["image"][i, 0], want)
+            assert torch.equal(batch["mask"][i], torch.from_numpy(mask[:, :, z].T.astype(np.int64)))
     assert sorted(seen) == list(range(25))

@@ -91,6 +91,7 @@ def test_round_trip_webdataset_and_tar(source, built):
         "dtype": "int16",
         "channels": 2,
         "channel_names": ["T1", "T1shift"],
+        "modality": "T1+T1SHIFT",  # the reader's meta; picks data.intensity=auto's scheme
     }
     assert manifest["tasks"]["mask"]["classes"] == ["background", "tissue", "bright"]
     n_slices = sum(img.shape[1] for img, _ in truth.values())

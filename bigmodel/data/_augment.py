@@ -1,11 +1,17 @@
-"""Normalisation, augmentation and collation of decoded samples.
+"""Intensity preprocessing, resize, augmentation and collation of decoded samples.
 
 Geometry goes through ``torchvision.transforms.v2`` with ``tv_tensors``: one call transforms the
-image, the mask and the boxes together, so flips and crops can never misalign labels, and
-``SanitizeBoundingBoxes`` drops boxes a crop made degenerate (with their labels). Intensities are
-normalised *before* the geometry so that padding with 0 means "the dataset mean", and the
-intensity jitter (a scale and shift of normalised intensities; torchvision's ColorJitter assumes
-[0, 1] RGB images, not CT in HU or multi-channel MR) is written here.
+image, the mask and the boxes together, so flips, resizes and crops can never misalign labels,
+and ``SanitizeBoundingBoxes`` drops boxes a crop made degenerate (with their labels).
+Intensities are preprocessed (``bigmodel.data.intensity``) *before* the geometry so that padding
+with 0 means "the normalised mean", and the intensity jitter (a scale and shift of normalised
+intensities; torchvision's ColorJitter assumes [0, 1] RGB images, not CT in HU or multi-channel
+MR) is written here.
+
+Evaluation never crops: with ``resize=none`` it keeps the whole image (the engine runs sliding
+windows over images larger than ``image_size``), with ``resize=fit`` it resizes exactly as
+training did. Batches of whole images of different sizes are padded at the bottom/right by
+:func:`collate` (images with 0, masks with the ignore value; box coordinates are unchanged).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from bigmodel.config import AugmentConfig
+from bigmodel.data.intensity import IntensitySpec, apply_intensity
 from sharding.format import MASK_IGNORE
 
 # Padding values per tv_tensor type: the normalised mean for images, "ignore" for masks.
@@ -43,50 +50,78 @@ class _CenterCropOrPad(torch.nn.Module):
         return self.crop(sample)
 
 
+class _FitCheck(torch.nn.Module):
+    """Refuse a ``resize=fit`` that would change the spacing by more than ``tolerance``."""
+
+    def __init__(self, size: int, tolerance: float) -> None:
+        super().__init__()
+        self.size, self.tolerance = size, tolerance
+
+    def forward(self, sample: dict[str, Any]) -> dict[str, Any]:
+        longer = max(sample["image"].shape[-2:])
+        factor = max(longer / self.size, self.size / longer)
+        if factor > self.tolerance:
+            raise ValueError(
+                f"data.resize=fit would scale a {list(sample['image'].shape[-2:])} image to "
+                f"{self.size} px, changing its spacing {factor:.2f}x (data.resize_tolerance="
+                f"{self.tolerance}); raise data.image_size, data.resize_tolerance, or use "
+                f"data.resize=none (crops in training, sliding windows in evaluation)"
+            )
+        return sample
+
+
 class SampleTransform:
-    """Normalise and (for training) augment one decoded sample; picklable for loader workers.
+    """Preprocess intensities, resize/crop and (for training) augment one decoded sample.
+
+    Picklable, for loader workers.
 
     Args:
-        image_size: side of the square output.
-        mean: per-channel mean (None: no normalisation).
-        std: per-channel std (None: no normalisation).
-        augment: training augmentation; None for evaluation (deterministic centre crop/pad).
+        image_size: side of the square training input.
+        intensity: the resolved intensity scheme (None: raw values).
+        augment: training augmentation; None for evaluation (no crop, no randomness).
         boxes: whether samples carry boxes (torchvision's box sanitiser refuses samples without).
+        resize: ``none`` or ``fit`` (``data.resize``).
+        resize_tolerance: ``data.resize_tolerance``.
     """
 
     def __init__(
         self,
         image_size: int,
-        mean: tuple[float, ...] | None,
-        std: tuple[float, ...] | None,
+        intensity: IntensitySpec | None,
         augment: AugmentConfig | None,
         boxes: bool = False,
+        resize: str = "none",
+        resize_tolerance: float = 2.0,
     ) -> None:
-        self.mean = None if mean is None else torch.tensor(mean).view(-1, 1, 1)
-        # A constant channel has std 0; dividing by 1 keeps it finite.
-        self.std = None if std is None else torch.tensor([s if s > 0 else 1.0 for s in std])
-        if self.std is not None:
-            self.std = self.std.view(-1, 1, 1)
+        self.intensity = intensity
         self.jitter = augment.intensity_jitter if augment is not None else 0.0
         stages: list[torch.nn.Module] = []
+        if resize == "fit":
+            stages += [
+                _FitCheck(image_size, resize_tolerance),
+                v2.Resize(size=None, max_size=image_size, antialias=True),
+                _CenterCropOrPad(image_size),  # pads the shorter side; crops nothing
+            ]
         if augment is not None:
             stages += [
                 v2.RandomHorizontalFlip(augment.hflip),
                 v2.RandomVerticalFlip(augment.vflip),
             ]
-        if augment is not None and augment.random_crop:
-            stages.append(v2.RandomCrop(image_size, pad_if_needed=True, fill=_FILL))
-        else:
-            stages.append(_CenterCropOrPad(image_size))
-        if boxes:
+            if resize != "fit" and augment.random_crop:
+                stages.append(v2.RandomCrop(image_size, pad_if_needed=True, fill=_FILL))
+            elif resize != "fit":
+                stages.append(_CenterCropOrPad(image_size))
+        if boxes and stages:
             # Crops clip boxes to the new canvas; boxes left thinner than a pixel are dropped.
             stages += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)]
-        self.geometry = v2.Compose(stages)
+        self.geometry = v2.Compose(stages) if stages else None
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         image = sample["image"]
-        if self.mean is not None:
-            image = (image - self.mean) / self.std
+        if self.intensity is not None:
+            image = apply_intensity(image, self.intensity, sample.get("window"))
+        if self.geometry is None:
+            return dict(sample, image=image)
         height, width = image.shape[-2:]
         views: dict[str, Any] = {"image": tv_tensors.Image(image)}
         if "mask" in sample:
@@ -110,11 +145,22 @@ class SampleTransform:
         return out
 
 
+def _pad_to(tensor: torch.Tensor, height: int, width: int, value: float) -> torch.Tensor:
+    """Pad the last two dimensions at the bottom/right (box coordinates stay valid)."""
+    pad_h, pad_w = height - tensor.shape[-2], width - tensor.shape[-1]
+    if not (pad_h or pad_w):
+        return tensor
+    return torch.nn.functional.pad(tensor, [0, pad_w, 0, pad_h], value=value)
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples into a batch following docs/contracts.md (lists for keys, groups, boxes)."""
     first = samples[0]
+    # Whole images in evaluation may differ in size: pad to the largest of the batch.
+    height = max(s["image"].shape[-2] for s in samples)
+    width = max(s["image"].shape[-1] for s in samples)
     batch: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
+        "image": torch.stack([_pad_to(s["image"], height, width, 0.0) for s in samples]),
         "key": [s["key"] for s in samples],
         "group": [s["group"] for s in samples],
         "has": {
@@ -125,7 +171,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if "cls" in first:
         batch["cls"] = torch.stack([s["cls"] for s in samples])
     if "mask" in first:
-        batch["mask"] = torch.stack([s["mask"] for s in samples])
+        batch["mask"] = torch.stack(
+            [_pad_to(s["mask"], height, width, MASK_IGNORE) for s in samples]
+        )
     if "boxes" in first:
         batch["boxes"] = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
     return batch

@@ -28,6 +28,7 @@ from sharding.format import (
     MASK_IGNORE,
     MASK_NPY,
     MASK_PNG,
+    META,
     UNKNOWN_LABEL,
 )
 
@@ -75,6 +76,9 @@ class SampleDecoder:
             "group": _text(sample.get(GROUP, "")),
             "has": {},
         }
+        meta = sample.get(META)
+        if isinstance(meta, dict) and meta.get("window"):
+            out["window"] = meta["window"]  # the DICOM window, for data.intensity=ct_window
         if "cls" in self.tasks:
             out["cls"], out["has"]["cls"] = self._cls(sample)
         if "mask" in self.tasks:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel.config import Config, ConfigError
+from bigmodel.data.intensity import IntensitySpec, intensity_spec
 from sharding.format import FORMAT_VERSION, MANIFEST_NAME, TASK_MEMBERS
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "ShardInfo",
     "SplitInfo",
     "TaskInfo",
+    "data_intensity",
     "fold_split_names",
     "load_manifest",
     "resolve_config",
@@ -60,6 +62,10 @@ class TaskInfo:
     classes: tuple[str, ...]
     type: str = ""
     """``multiclass`` or ``multilabel`` for ``cls``; empty for the others."""
+    slice_labels: str = "copy"
+    """``cls`` of 2D/2.5D slices cut from volumes: ``mask`` (read from each slice's mask),
+    ``volume`` (slices carry none; the volume's label is in ``meta.json``) or ``copy`` (the
+    volume's label on every slice; manifests from before the policy existed)."""
 
     @property
     def multilabel(self) -> bool:
@@ -161,7 +167,11 @@ def _parse_tasks(raw: dict[str, Any], path: Path) -> dict[str, TaskInfo]:
             raise ManifestError(
                 f"{path}: tasks.cls.type is {kind!r}; allowed: 'multiclass', 'multilabel'"
             )
-        tasks[name] = TaskInfo(classes=tuple(str(c) for c in classes), type=kind)
+        tasks[name] = TaskInfo(
+            classes=tuple(str(c) for c in classes),
+            type=kind,
+            slice_labels=str(spec.get("slice_labels", "copy")),
+        )
     return tasks
 
 
@@ -320,7 +330,44 @@ def _classes_for(head_name: str, target: str, manifest: Manifest, cfg: Config) -
             f"model.heads.{head_name}.target is {target!r} but {manifest.path} has no such "
             f"task (tasks: {sorted(manifest.tasks)}); change the target or remove the head"
         )
+    if (
+        target == "cls"
+        and manifest.tasks["cls"].slice_labels == "volume"
+        and manifest.layout != "3d"
+    ):
+        # The shards keep cls at volume level: no slice carries one, the head would learn nothing.
+        raise ConfigError(
+            f"model.heads.{head_name} learns cls from {manifest.layout} slices but {manifest.path} "
+            f"keeps cls at volume level (tasks.cls.slice_labels=volume): rebuild the shards with "
+            f"masks naming the cls classes (-o slice_labels=mask) or, if every slice shows the "
+            f"finding, -o slice_labels=copy"
+        )
     return len(manifest.tasks[target].classes)
+
+
+def data_intensity(cfg: Config, manifest: Manifest) -> IntensitySpec | None:
+    """The intensity preprocessing of this run (None: ``data.normalize=none``, raw values)."""
+    if cfg.data.normalize == "none":
+        return None
+    return intensity_spec(cfg.data.intensity, manifest.raw, str(manifest.path))
+
+
+def _check_resize(cfg: Config, manifest: Manifest) -> None:
+    """Refuse ``resize=fit`` when the manifest's image sides would change spacing too much."""
+    sides = (manifest.raw.get("stats") or {}).get("image_size")
+    if cfg.data.resize != "fit" or not sides:
+        return
+    size, tolerance = cfg.data.image_size, cfg.data.resize_tolerance
+    for which in ("min", "max"):
+        longer = max(sides[which][-2:])
+        factor = max(longer / size, size / longer)
+        if factor > tolerance:
+            raise ConfigError(
+                f"data.resize=fit would scale {manifest.path}'s {which} image side ({longer} px) "
+                f"to data.image_size={size}, changing the spacing {factor:.2f}x, more than "
+                f"data.resize_tolerance={tolerance}; choose an image_size nearer the data, raise "
+                f"the tolerance, or use data.resize=none (crops, sliding-window evaluation)"
+            )
 
 
 def resolve_config(cfg: Config, manifest: Manifest) -> Config:
@@ -333,6 +380,8 @@ def resolve_config(cfg: Config, manifest: Manifest) -> Config:
         ConfigError: a head's target is not in the manifest, or a set value disagrees.
     """
     cfg = cfg.model_copy(deep=True)
+    data_intensity(cfg, manifest)  # an intensity scheme unfit for the modality fails here
+    _check_resize(cfg, manifest)
     backbone = cfg.model.backbone
     channels = manifest.image.channels
     if backbone.in_chans is None:

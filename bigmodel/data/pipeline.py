@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from bigmodel.config import Config
 from bigmodel.data._augment import SampleTransform, collate
 from bigmodel.data._decode import SampleDecoder, png_handler
-from bigmodel.data.manifest import Manifest, ManifestError
+from bigmodel.data.manifest import Manifest, ManifestError, data_intensity
 
 __all__ = [
     "EvalLoader",
@@ -122,18 +122,13 @@ def _check_layout(manifest: Manifest) -> None:
 
 
 def _transform(cfg: Config, manifest: Manifest, train: bool) -> SampleTransform:
-    if cfg.data.normalize == "manifest" and (manifest.mean is None or manifest.std is None):
-        raise ManifestError(
-            f"{manifest.path}: no stats.mean/std for normalisation; rebuild the shards or set "
-            f"data.normalize=none"
-        )
-    use_stats = cfg.data.normalize == "manifest"
     return SampleTransform(
         cfg.data.image_size,
-        manifest.mean if use_stats else None,
-        manifest.std if use_stats else None,
+        data_intensity(cfg, manifest),
         cfg.data.augment if train else None,
         boxes="boxes" in manifest.tasks,
+        resize=cfg.data.resize,
+        resize_tolerance=cfg.data.resize_tolerance,
     )
 
 
@@ -278,7 +273,8 @@ def make_train_loader(
         wds.decode(png_handler),
         # tensors, absent labels filled, has flags
         wds.map(SampleDecoder(manifest)),
-        # normalised, flipped, cropped/padded to image_size, intensity-jittered
+        # intensities preprocessed (data.intensity), resized (data.resize), flipped,
+        # cropped/padded to image_size, intensity-jittered
         wds.map(_transform(cfg, manifest, train=True)),
         # batches per docs/contracts.md
         wds.batched(data.batch_size, collation_fn=collate, partial=False),
@@ -327,7 +323,7 @@ def make_eval_loader(
         wds.decode(png_handler),
         # tensors, absent labels filled, has flags
         wds.map(SampleDecoder(manifest)),
-        # normalised, centre-cropped/padded to image_size
+        # intensities preprocessed; whole images (data.resize=fit: resized as in training)
         wds.map(_transform(cfg, manifest, train=False)),
         # batches per docs/contracts.md; the last one of each worker may be short
         wds.batched(batch_size, collation_fn=collate, partial=True),

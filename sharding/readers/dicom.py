@@ -34,6 +34,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
+from sharding import format as fmt
 from sharding.readers._common import (
     check_options,
     keyed_hash,
@@ -47,14 +48,8 @@ SALT_ENV = "BIGMODEL_SHARD_SALT"
 MIN_SALT_CHARS = 16
 
 # (center, width) in HU; the common radiology presets. Pixels stay raw HU: the window is metadata
-# that display and intensity normalisation may use.
-WINDOWS = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "brain": (40.0, 80.0),
-    "bone": (400.0, 1800.0),
-    "abdomen": (40.0, 400.0),
-}
+# that display and intensity normalisation (bigmodel.data.intensity) use.
+WINDOWS = fmt.CT_WINDOWS
 
 # header tags read during scan (no pixels)
 _SCAN_TAGS = [
