@@ -92,7 +92,23 @@ class DataConfig(_Strict):
     val_split: str = "val"
     """Split used for evaluation during training."""
     normalize: Literal["manifest", "none"] = "manifest"
-    """``manifest`` uses the per-channel mean/std in ``dataset.json``."""
+    """``none`` turns intensity preprocessing off whatever ``intensity`` says (older configs);
+    ``manifest`` applies ``intensity``."""
+    intensity: str = "auto"
+    """Intensity preprocessing (``bigmodel/data/intensity.py``): ``ct`` (clip to the foreground
+    0.5/99.5 percentiles, z-score; nnU-Net), ``ct_window`` (the DICOM window of each sample),
+    ``ct_window:NAME`` or ``ct_window:C,W``, ``mr`` (per-image z-score), ``dataset`` (manifest
+    mean/std), ``none``; ``auto`` picks by the manifest's modality (CT, MR, else dataset)."""
+    resize: Literal["none", "fit"] = "none"
+    """``fit``: scale every image so its longer side is ``image_size`` (aspect kept), pad to a
+    square, in training and evaluation; ``none``: train on ``image_size`` crops and evaluate
+    whole images (sliding windows when larger than ``image_size``)."""
+    resize_tolerance: float = Field(2.0, ge=1.0)
+    """``resize=fit``: largest factor by which the resize may change the pixel spacing; beyond it
+    the run is refused (shrinking 2048 px radiographs to 224 px loses the detail findings need)."""
+    on_damaged_shard: Literal["stop", "skip"] = "stop"
+    """A shard whose bytes do not match its sha256 in ``dataset.json``: ``stop`` the run naming
+    it, or ``skip`` it with a warning (counted in the metrics as ``data/damaged_shards``)."""
     augment: AugmentConfig = AugmentConfig()
     """Training-time augmentation."""
 
