@@ -178,6 +178,16 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     print(summary)
     print(f"bigmodel-tune: sweep {sweep.spec.name!r} took {time.perf_counter() - start:.1f} s")
+    # Tune turns Ctrl-C into a clean stop and returns; the trials it cut are neither
+    # terminated nor errored.
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished:
+        print(
+            f"bigmodel-tune: interrupted with {unfinished} trial(s) unfinished; continue with: "
+            f"bigmodel-tune {args.sweep} --resume",
+            file=sys.stderr,
+        )
+        return 130
     return 0 if any(r.status != "failed" for r in rows) else 1
 
 
