@@ -163,6 +163,9 @@ class ClassificationHeadConfig(_HeadBase):
     """Focusing parameter of the focal loss."""
     class_weights: list[float] | None = None
     """Per-class loss weights (length ``num_classes``)."""
+    pos_weight: list[float] | None = None
+    """Multi-label: weight of each class's positive term (BCE ``pos_weight``; e.g. negatives /
+    positives per class), leaving its negatives at 1; length ``num_classes``."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the classifier."""
 
@@ -260,8 +263,12 @@ class OptimConfig(_Strict):
     """Learning rate at ``reference_batch_size``; scaled to the global batch by ``lr_scaling``."""
     reference_batch_size: int = Field(256, gt=0)
     """Global batch size at which ``lr`` was tuned."""
-    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
-    """How ``lr`` scales with global_batch_size / reference_batch_size."""
+    lr_scaling: Literal["auto", "none", "linear", "sqrt"] = "auto"
+    """How ``lr`` scales with global_batch_size / reference_batch_size; ``auto``: sqrt for the
+    adaptive optimizers (adamw, lamb), linear for sgd and lars (timm's rule)."""
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    """Layer-wise LR decay for fine-tuning (timm): each layer's LR is this factor times the
+    next deeper one's; None disables."""
     weight_decay: float = Field(0.05, ge=0.0)
     """Decoupled weight decay; never applied to norms and biases."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -419,9 +426,12 @@ class Config(_Strict):
     def scaled_lr(self) -> float:
         """``optim.lr`` scaled from ``reference_batch_size`` to the global batch."""
         ratio = self.global_batch_size / self.optim.reference_batch_size
-        if self.optim.lr_scaling == "linear":
+        rule = self.optim.lr_scaling
+        if rule == "auto":
+            rule = "sqrt" if self.optim.name in ("adamw", "lamb") else "linear"
+        if rule == "linear":
             return self.optim.lr * ratio
-        if self.optim.lr_scaling == "sqrt":
+        if rule == "sqrt":
             return self.optim.lr * ratio**0.5
         return self.optim.lr
 

@@ -10,10 +10,13 @@ pytorch-metric-learning's metric losses; detection losses are computed by torchv
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
@@ -94,6 +97,20 @@ class ClassificationLoss(nn.Module):
                 )
             weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
+        pos_weight = None
+        if cfg.pos_weight is not None:
+            if not cfg.multilabel:
+                raise ConfigError(
+                    "pos_weight weighs the positive term of multi-label (sigmoid) heads; set "
+                    "multilabel: true, or use class_weights for a multi-class head"
+                )
+            if cfg.num_classes is not None and len(cfg.pos_weight) != cfg.num_classes:
+                raise ConfigError(
+                    f"pos_weight has {len(cfg.pos_weight)} entries but num_classes is "
+                    f"{cfg.num_classes}: give one weight per class"
+                )
+            pos_weight = torch.tensor(cfg.pos_weight, dtype=torch.float32)
+        self.register_buffer("pos_weight", pos_weight, persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor, has: Tensor | None = None) -> Tensor | None:
         """Mean loss over labelled samples (multi-label: labelled entries); None if none."""
@@ -111,9 +128,13 @@ class ClassificationLoss(nn.Module):
             return None
         logits, target = logits[valid], target[valid]
         if self.cfg.focal:
-            return softmax_focal_loss(
+            per_sample = softmax_focal_loss(
                 logits, target, self.cfg.focal_gamma, self.class_weights
-            ).mean()
+            )
+            if self.class_weights is None:
+                return per_sample.mean()
+            # weighted mean, as F.cross_entropy(weight=...): gamma=0 gives exactly that loss
+            return per_sample.sum() / self.class_weights[target].sum()
         return F.cross_entropy(
             logits, target, weight=self.class_weights, label_smoothing=self.cfg.label_smoothing
         )
@@ -136,7 +157,11 @@ class ClassificationLoss(nn.Module):
                 logits, target, alpha=-1, gamma=self.cfg.focal_gamma, reduction="none"
             )
         else:
-            per_entry = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            # pos_weight scales only the positive term (BCEWithLogits), so rare findings weigh
+            # more without weighting their many negatives alike
+            per_entry = F.binary_cross_entropy_with_logits(
+                logits, target, pos_weight=self.pos_weight, reduction="none"
+            )
         if self.class_weights is not None:
             per_entry = per_entry * self.class_weights
         return per_entry[known].mean()
@@ -179,15 +204,40 @@ METRIC_LOSSES = {
 
 
 def _labels_as_ints(target: Tensor | Sequence[str], device: torch.device) -> Tensor:
-    """Class indices as they are, or string ids (patients) mapped to consecutive integers."""
+    """Class indices as they are, or string ids (patients) as stable non-negative integers.
+
+    Strings are hashed (blake2b, 62 bits), not numbered per batch, so the same patient gets the
+    same label on every rank when labels are gathered across ranks.
+    """
     if isinstance(target, Tensor):
         if target.dim() != 1:
             raise ValueError(
                 f"retrieval expects one label per sample ([B]), got {tuple(target.shape)}"
             )
         return target.to(device=device, dtype=torch.long)
-    index: dict[str, int] = {}
-    return torch.tensor([index.setdefault(str(t), len(index)) for t in target], device=device)
+    ids = [
+        int.from_bytes(hashlib.blake2b(str(t).encode(), digest_size=8).digest(), "big") >> 2
+        for t in target
+    ]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _gather_with_grad(embeddings: Tensor, labels: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
+    """Every rank's embeddings (with gradients), labels and mask, in rank order.
+
+    open_clip's ``gather_features`` (gather_with_grad): each rank then computes the loss of the
+    whole global batch, with positives and negatives from every rank. The all-gather's backward
+    sums the identical losses' gradients over ranks (x world size) and DDP/ZeRO average over
+    ranks (/ world size), so the parameters get exactly the gradient of the global-batch loss.
+    Every rank must call it with the same batch size (train loaders drop partial batches).
+    """
+    world = dist.get_world_size()
+    all_embeddings = torch.cat(dist_nn.all_gather(embeddings))
+    parts = [torch.empty_like(labels) for _ in range(world)]
+    dist.all_gather(parts, labels)
+    masks = [torch.empty_like(valid) for _ in range(world)]
+    dist.all_gather(masks, valid)
+    return all_embeddings, torch.cat(parts), torch.cat(masks)
 
 
 class RetrievalLoss(nn.Module):
@@ -210,15 +260,23 @@ class RetrievalLoss(nn.Module):
     def forward(
         self, embeddings: Tensor, target: Tensor | Sequence[str], has: Tensor | None = None
     ) -> Tensor | None:
-        """Metric loss over labelled samples; None with fewer than two of them."""
+        """Metric loss over labelled samples; None with fewer than two of them.
+
+        In a distributed training step the loss sees the global batch: embeddings are gathered
+        from every rank with gradients (:func:`_gather_with_grad`), so contrastive negatives and
+        same-patient positives on other ranks count, as with one worker and the whole batch.
+        """
         labels = _labels_as_ints(target, embeddings.device)
         valid = labels >= 0
         if has is not None:
             valid = valid & has.to(valid.device)
+        # The loss runs in fp32: its exponentials overflow in half precision.
+        embeddings = embeddings.float()
+        if torch.is_grad_enabled() and dist.is_initialized() and dist.get_world_size() > 1:
+            embeddings, labels, valid = _gather_with_grad(embeddings, labels, valid)
         if int(valid.sum()) < 2:
             return None
-        # The loss runs in fp32: its exponentials overflow in half precision.
-        return self.loss(embeddings[valid].float(), labels[valid])
+        return self.loss(embeddings[valid], labels[valid])
 
 
 class DetectionLoss(nn.Module):

@@ -52,6 +52,30 @@ def test_lr_scaled_from_reference_batch(tmp_path: Path, rule: str, expected: flo
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    "name,expected", [("adamw", 0.1 * 2), ("lamb", 0.1 * 2), ("sgd", 0.1 * 4), ("lars", 0.1 * 4)]
+)
+def test_lr_scaling_auto_is_sqrt_for_adaptive_and_linear_for_sgd(tmp_path, name, expected):
+    cfg = _cfg(
+        tmp_path,
+        data={"batch_size": 32},
+        optim={"name": name, "lr": 0.1, "reference_batch_size": 64, "lr_scaling": "auto"},
+        cluster={"num_workers": 8},
+    )
+    assert cfg.global_batch_size == 4 * 64
+    assert build_optimizer(torch.nn.Linear(2, 2), cfg).param_groups[0]["lr"] == pytest.approx(
+        expected
+    )
+
+
+def test_layer_decay_reaches_timm(tmp_path: Path):
+    cfg = _cfg(tmp_path, optim={"name": "adamw", "lr": 0.1, "layer_decay": 0.5})
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3)
+    optimizer = build_optimizer(model, cfg)
+    scales = sorted({g["lr_scale"] for g in optimizer.param_groups})
+    assert len(scales) > 2 and scales[-1] == 1.0 and scales[-2] == 0.5  # the head, then decay
+
+
 def test_warmup_then_cosine(tmp_path: Path):
     cfg = _cfg(
         tmp_path,

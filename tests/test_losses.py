@@ -130,3 +130,93 @@ def test_retrieval_loss_string_labels_and_masking():
     assert loss(emb, torch.tensor([0, -1, -1, -1])) is None
     with pytest.raises(ConfigError, match="arcface needs num_classes"):
         RetrievalLoss(RetrievalHeadConfig(embed_dim=8, metric_loss="arcface"))
+
+
+def test_focal_with_class_weights_is_a_weighted_mean_like_cross_entropy():
+    torch.manual_seed(0)
+    logits, target = torch.randn(8, 3), torch.tensor([0, 0, 0, 0, 0, 1, 2, 2])
+    weights = [0.2, 3.0, 1.5]
+    focal = ClassificationHeadConfig(num_classes=3, focal=True, focal_gamma=0.0)
+    loss = ClassificationLoss(focal.model_copy(update={"class_weights": weights}))(logits, target)
+    expected = F.cross_entropy(logits, target, weight=torch.tensor(weights))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_multilabel_pos_weight_scales_only_positives():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3)
+    target = torch.tensor([[1, 0, 0], [0, 0, 1], [0, -1, 0], [1, 0, 0], [0, 1, -1]]).float()
+    cfg = ClassificationHeadConfig(num_classes=3, multilabel=True, pos_weight=[4.0, 1.0, 9.0])
+    loss = ClassificationLoss(cfg)(logits, target)
+    known = target >= 0
+    per_entry = F.binary_cross_entropy_with_logits(
+        logits, target.clamp(min=0), pos_weight=torch.tensor([4.0, 1.0, 9.0]), reduction="none"
+    )
+    torch.testing.assert_close(loss, per_entry[known].mean())
+    # negatives keep weight 1: a batch without positives is unchanged by pos_weight
+    negatives = torch.zeros(5, 3)
+    plain = ClassificationLoss(ClassificationHeadConfig(num_classes=3, multilabel=True))
+    torch.testing.assert_close(ClassificationLoss(cfg)(logits, negatives), plain(logits, negatives))
+    with pytest.raises(ConfigError, match="pos_weight weighs the positive term"):
+        ClassificationLoss(ClassificationHeadConfig(num_classes=3, pos_weight=[1.0, 1.0, 1.0]))
+
+
+def test_string_labels_are_stable_across_batches():
+    """Patient ids map to the same integer in any batch (and so on any rank)."""
+    from bigmodel.losses import _labels_as_ints
+
+    first = _labels_as_ints(["p7", "p1", "p7"], torch.device("cpu"))
+    second = _labels_as_ints(["p1", "p7"], torch.device("cpu"))
+    assert first[0] == first[2] == second[1] and first[1] == second[0] != first[0]
+    assert (first >= 0).all()
+
+
+GATHER_BATCH = 8
+
+
+def _supcon_setup():
+    torch.manual_seed(0)
+    projection = torch.nn.Linear(6, 4)
+    inputs = torch.randn(GATHER_BATCH, 6)
+    labels = [f"p{i % 3}" for i in range(GATHER_BATCH)]
+    return projection, inputs, labels
+
+
+def _supcon_ranks(rank: int, world_size: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    projection, inputs, labels = _supcon_setup()
+    share = GATHER_BATCH // world_size
+    part = slice(rank * share, (rank + 1) * share)
+    loss = RetrievalLoss(RetrievalHeadConfig(embed_dim=4, temperature=0.5))
+    value = loss(F.normalize(projection(inputs[part]), dim=1), labels[part])
+    value.backward()
+    grad = projection.weight.grad.clone()
+    dist.all_reduce(grad)  # what DDP does: the mean of the ranks' gradients
+    if rank == 0:
+        torch.save({"loss": value.detach(), "grad": grad / world_size}, out)
+    dist.destroy_process_group()
+
+
+def test_supcon_on_two_ranks_equals_one_rank_with_the_whole_batch(tmp_path):
+    """Embeddings are gathered with gradients (open_clip's gather_features): 2 ranks x 4 samples
+    give the loss and the gradient of 1 rank x 8, not of two separate halves."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_supcon_ranks, args=(2, port, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    projection, inputs, labels = _supcon_setup()
+    loss = RetrievalLoss(RetrievalHeadConfig(embed_dim=4, temperature=0.5))
+    expected = loss(F.normalize(projection(inputs), dim=1), labels)
+    expected.backward()
+    torch.testing.assert_close(got["loss"], expected.detach())
+    torch.testing.assert_close(got["grad"], projection.weight.grad)

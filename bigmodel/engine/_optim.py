@@ -35,6 +35,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         lr=cfg.scaled_lr(),
         weight_decay=optim.weight_decay,
         filter_bias_and_bn=True,  # 1-D parameters (norms, biases) go to a weight_decay=0 group
+        layer_decay=optim.layer_decay,  # timm scales each group's LR by its depth (lr_scale)
         foreach=False,  # identical arithmetic on every strategy (ZeRO flattens parameters)
         **kwargs,
     )
