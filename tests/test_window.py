@@ -78,12 +78,14 @@ def test_box_at_the_image_border_survives_and_split_boxes_merge():
     assert out["det"][0]["scores"].tolist() == pytest.approx([0.9, 0.9])
 
 
-def test_small_images_go_through_once():
+def test_small_images_go_through_once_padded_and_cut_back():
     model = _ThresholdModel()
-    images = torch.rand(3, 1, 48, ROI)
+    images = torch.rand(3, 1, 48, 40) * 0.4
+    images[:, :, 0:10, 30:40] = 1.0  # a box at the top-right image corner
     out = whole_image_outputs(model, images, ROI)
-    assert model.calls == [(48, ROI)]
+    assert model.calls == [(ROI, ROI)]  # one forward at the training size
     torch.testing.assert_close(out["seg"], images)
+    assert out["det"][0]["boxes"].tolist() == [[30.0, 0.0, 40.0, 10.0]]
     assert not needs_windows((48, ROI), ROI) and needs_windows((ROI + 1, 10), ROI)
 
 
@@ -118,3 +120,33 @@ def test_real_multitask_model_output_format():
     boxes = out["det"][0]["boxes"]
     if len(boxes):
         assert boxes[:, 2].max() <= 80 and boxes[:, 3].max() <= 96 and boxes.min() >= 0
+
+
+def test_evaluation_during_training_counts_every_pixel_of_larger_images(tmp_path):
+    """Engine evaluate() on 48 px shards with a 32 px training size: no pixel cropped away."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from test_data_pipeline import make_cfg, write_dataset
+
+    from bigmodel.data import load_manifest, make_eval_loader, resolve_config
+    from bigmodel.engine.loop import evaluate
+    from bigmodel.metrics import build_metrics
+
+    written = write_dataset(tmp_path, {"train": [2], "val": [3, 2]}, size=48)
+    manifest = load_manifest(tmp_path)
+    cfg = resolve_config(make_cfg(shards=str(tmp_path), image_size=32), manifest)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    dm = SimpleNamespace(  # the engine's Distributed, reduced to what evaluate() reads
+        module=model, device=torch.device("cpu"), zero_stage=0, autocast=contextlib.nullcontext
+    )
+    loader = make_eval_loader(cfg, manifest, 0, 1)
+    results = evaluate(dm, loader, build_metrics(cfg.model), cfg)
+    labelled = sum(
+        int((torch.as_tensor(w["mask"]) != 255).sum())
+        for k, w in written.items()
+        if k.startswith("val") and w.get("mask") is not None
+    )
+    assert labelled > 0 and results["seg/count"] == labelled  # 48 x 48, not the 32 x 32 centre
+    assert results["num_samples"] == 5

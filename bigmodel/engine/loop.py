@@ -40,6 +40,7 @@ from bigmodel.engine.checkpoint import (
 )
 from bigmodel.engine.session import Session
 from bigmodel.inference.model_folder import save_model
+from bigmodel.inference.window import whole_image_outputs
 from bigmodel.metrics import build_metrics
 from bigmodel.models import build_model
 
@@ -307,13 +308,15 @@ def evaluate(
             if last_images is None:
                 size = cfg.data.image_size
                 last_images = torch.zeros(1, cfg.model.backbone.in_chans or 3, size, size)
-            with dm.autocast():
-                module(last_images.to(device))  # joins other ranks' gathers
+            with dm.autocast():  # joins other ranks' gathers (as many forwards as a batch)
+                whole_image_outputs(module, last_images.to(device), cfg.data.image_size)
             continue
         batch = _to_device(batch, device)
         with dm.autocast():
-            out = module(batch["image"])
-        metrics.update(out["outputs"], batch)
+            # Whole images: sliding windows (segmentation, detection) where they exceed the
+            # training size, so every pixel and every box counts (bigmodel/inference/window.py).
+            outputs = whole_image_outputs(module, batch["image"], cfg.data.image_size)
+        metrics.update(outputs, batch)
         keys.extend(batch["key"])
         last_images = batch["image"][:1]
     results = metrics.compute()  # collective: torchmetrics syncs states across ranks

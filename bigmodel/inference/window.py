@@ -13,7 +13,8 @@ A model trained on ``roi_size`` crops sees a 512 x 512 CT slice in three ways at
   kept, padded with 0, the normalised mean), since a global label belongs to the whole image,
   not to any one window.
 
-Images no larger than ``roi_size`` go through the model once, unchanged. The result has the
+Images no larger than ``roi_size`` go through the model once, padded to it (centred, with 0, as
+training padded them; models with a fixed input size need that) and cut back. The result has the
 format of ``model(images)["outputs"]``, so metrics and writers take it as is. Used by the
 evaluation during training (``bigmodel.engine``) and by evaluation/prediction on files.
 """
@@ -173,6 +174,44 @@ def _merge_boxes(
     return merged
 
 
+def _padded_pass(
+    model: nn.Module, images: Tensor, roi: tuple[int, int], types: dict[str, str]
+) -> dict[str, Any]:
+    """One forward of images smaller than ``roi``, padded (centred, 0) as training padded them.
+
+    Models with a fixed input size (ViTs) need the training size; outputs are cut back to the
+    image: segmentation cropped, boxes shifted and clipped.
+    """
+    height, width = images.shape[-2:]
+    top, left = (roi[0] - height) // 2, (roi[1] - width) // 2
+    padded = F.pad(images, [left, roi[1] - width - left, top, roi[0] - height - top])
+    outputs = dict(model(padded)["outputs"])
+    for name, kind in types.items():
+        if kind == "segmentation":
+            outputs[name] = outputs[name][..., top : top + height, left : left + width]
+        elif kind == "detection":
+            shifted = []
+            for det in outputs[name]:
+                boxes = det["boxes"] - det["boxes"].new_tensor([left, top, left, top])
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+                det = {**det, "boxes": boxes}
+                if "masks" in det:
+                    det["masks"] = det["masks"][..., top : top + height, left : left + width]
+                shifted.append(det)
+            outputs[name] = shifted
+    return outputs
+
+
+def _global_view(images: Tensor, roi: tuple[int, int]) -> Tensor:
+    """The whole image as global heads saw images in training: shrunk to fit, padded to ``roi``."""
+    height, width = images.shape[-2:]
+    if height <= roi[0] and width <= roi[1]:
+        top, left = (roi[0] - height) // 2, (roi[1] - width) // 2
+        return F.pad(images, [left, roi[1] - width - left, top, roi[0] - height - top])
+    return fit_to_size(images, roi)
+
+
 @torch.no_grad()
 def whole_image_outputs(
     model: nn.Module,
@@ -202,9 +241,11 @@ def whole_image_outputs(
     """
     types = _head_types(model)
     size = (int(images.shape[-2]), int(images.shape[-1]))
-    if not needs_windows(size, roi_size):
-        return model(images)["outputs"]
     roi = _pair(roi_size)
+    if size == roi:
+        return model(images)["outputs"]
+    if not needs_windows(size, roi):
+        return _padded_pass(model, images, roi, types)
     seg = [name for name, kind in types.items() if kind == "segmentation"]
     det = [name for name, kind in types.items() if kind == "detection"]
     pad = (max(0, roi[0] - size[0]) // 2, max(0, roi[1] - size[1]) // 2)
@@ -228,7 +269,7 @@ def whole_image_outputs(
                 _merge_boxes(parts, size, iou_threshold, keep) for parts in predictor.boxes[name]
             ]
     if len(seg) + len(det) < len(types):
-        whole = model(fit_to_size(images, roi))["outputs"]
+        whole = model(_global_view(images, roi))["outputs"]
         outputs.update({name: whole[name] for name in types if name not in outputs})
     coverage = outputs.pop("_coverage", None)
     if coverage is not None and not bool((coverage > 0).all()):
