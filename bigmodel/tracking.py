@@ -28,7 +28,14 @@ from bigmodel.config import Config, ConfigError
 if TYPE_CHECKING:  # importing bigmodel.engine loads DeepSpeed; the driver's check needs none
     from bigmodel.engine.session import Session
 
-__all__ = ["RUN_RECORD", "TrackedSession", "check_tracking", "tracked", "tracking_uri"]
+__all__ = [
+    "RUN_RECORD",
+    "TrackedSession",
+    "check_tracking",
+    "log_summary_run",
+    "tracked",
+    "tracking_uri",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,25 @@ def check_tracking(cfg: Config) -> str:
         raise ConfigError(
             f"tracking.experiment={cfg.tracking.experiment!r} at tracking.uri={uri}: {first}"
         ) from None
+
+
+def log_summary_run(
+    cfg: Config, name: str, metrics: dict[str, float], files: list[Path], tags: dict[str, str]
+) -> str:
+    """One finished MLflow run holding a summary (e.g. cross-validation mean ± std); its id."""
+    from bigmodel import registry  # loads mlflow: only when tracking is on
+
+    uri = tracking_uri(cfg)
+    client = registry.connect(uri, setting="tracking.uri", create=True)
+    experiment_id = registry.ensure_experiment(client, cfg.tracking.experiment, uri)
+    run_id = client.create_run(
+        experiment_id, run_name=name, tags={**cfg.tracking.tags, **tags}
+    ).info.run_id
+    registry.log_metrics(client, run_id, metrics, step=0)
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, str]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from bigmodel.config import Config, ConfigError
 from bigmodel.data.manifest import ManifestError, fold_split_names, load_manifest
+from bigmodel.tracking import log_summary_run
 
 __all__ = ["cross_validate", "fold_config", "format_summary", "num_folds"]
 
@@ -97,6 +98,11 @@ def cross_validate(cfg: Config, run_fold: Callable[[Config], dict[str, Any]]) ->
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(path)
     summary["path"] = str(path)
+    if cfg.tracking.enabled:  # one MLflow run for the whole cross-validation, beside the folds'
+        figures = {f"mean/{k}": v for k, v in summary["mean"].items()}
+        figures |= {f"std/{k}": v for k, v in summary["stdev"].items()}
+        tags = {"cv": cfg.name, "bigmodel.folds": str(k)}
+        summary["mlflow_run"] = log_summary_run(cfg, f"{cfg.name}-cv", figures, [path], tags)
     return summary
 
 
@@ -126,4 +132,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         ),
         f"  summary: {summary['path']}",
     ]
+    if "mlflow_run" in summary:
+        lines.append(f"  mlflow run: {summary['mlflow_run']}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -155,7 +156,9 @@ def test_cross_validate_trains_every_fold_and_summarises(shards, tmp_path):
         seen.append((cfg.name, cfg.data.train_split, cfg.data.val_split))
         return train(cfg, LocalSession())
 
-    summary = _folds.cross_validate(_config(shards, tmp_path), run_fold)
+    cfg = _config(shards, tmp_path).model_copy(deep=True)
+    cfg.tracking.enabled = True  # the default store: SQLite in train.output_dir
+    summary = _folds.cross_validate(cfg, run_fold)
     assert seen == [(f"cv-fold{i}", f"fold{i}-train", f"fold{i}-val") for i in range(K)]
     # each fold validated on exactly its own samples
     assert [f["metrics"]["val/num_samples"] for f in summary["folds"]] == folds["num_samples"]
@@ -166,3 +169,9 @@ def test_cross_validate_trains_every_fold_and_summarises(shards, tmp_path):
     assert written["k"] == K and len(written["folds"]) == K
     table = _folds.format_summary(summary)
     assert "digit/accuracy" in table and "±" in table
+    # one MLflow run holds the mean ± std and the summary file
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(summary["mlflow_run"])
+    assert run.data.metrics["mean/val/digit/accuracy"] == pytest.approx(np.mean(accuracies))
+    assert run.data.tags["cv"] == "cv" and run.info.run_name == "cv-cv"
+    assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["summary.json"]
