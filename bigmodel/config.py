@@ -401,6 +401,12 @@ class TrackingConfig(_Strict):
     tags: dict[str, str] = Field(default_factory=dict)
     """Extra run tags, copied to a registered version; ``sweep`` names the sweep in lineage."""
 
+    @model_validator(mode="after")
+    def _register_needs_tracking(self) -> TrackingConfig:
+        if self.register_as and not self.enabled:
+            raise ValueError("tracking.register_as needs tracking.enabled=true")
+        return self
+
 
 class Config(_Strict):
     """A complete run."""

@@ -301,3 +301,13 @@ def test_a_worker_that_cannot_reach_mlflow_trains_untracked(shards, tmp_path):
         assert inside is session
     record = json.loads((tmp_path / "lost" / RUN_RECORD).read_text())
     assert "not reachable" in record["error"]
+
+
+def test_register_as_needs_tracking_on(shards, tmp_path):
+    with pytest.raises(ConfigError, match="tracking.register_as needs tracking.enabled=true"):
+        config_from_dict(
+            {
+                **_config(shards, tmp_path, "x", "sqlite:///x.db").to_dict(),
+                "tracking": {"register_as": "m"},
+            }
+        )
