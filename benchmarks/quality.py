@@ -300,7 +300,8 @@ def print_table(rows: list[Row], check: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run both benchmarks, print the table; 1 when a full run misses a target."""
+    """Run both benchmarks, print the table; 1 when a score is not in [0, 1] (NaN included) or
+    when a full run misses a target."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; checks no target")
     parser.add_argument("--seed", type=int, default=0)
@@ -314,7 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"digits: {DIGITS}\nphantoms: {PHANTOMS}", flush=True)
     rows = bench_digits(args.quick, args.seed) + bench_phantoms(args.quick, args.seed)
     print_table(rows, check=not args.quick)
-    if args.quick:
+    broken = [r for r in rows if not 0.0 <= r.value <= 1.0]  # NaN fails this too
+    for row in broken:
+        print(f"BROKEN: {row.task} {row.metric} = {row.value} (a score must lie in [0, 1])")
+    if broken:
+        return 1
+    if args.quick:  # too short to reach a target: the smoke run checks only that scores are sane
         return 0
     return 0 if all(r.passed for r in rows if r.target > 0) else 1
 

@@ -138,10 +138,28 @@ def test_two_stage_recipe_loads_stage_one_into_a_frozen_backbone():
     torch.testing.assert_close(stage2.backbone.model.layer1[0].conv1.weight, w1)
 
 
-def test_channels_last_model_runs_all_heads():
-    model = _model(channels_last=True)
+def test_channels_last_model_matches_the_contiguous_one():
+    """channels_last changes the memory layout only: same losses, same gradients, every head."""
     batch = _batch([True] * 4, [True] * 4, [True] * 4)
-    model(batch["image"], batch)["loss"].backward()
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = _model(channels_last=channels_last)
+        out = model(batch["image"], batch)
+        out["loss"].backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out["losses"], grads))
+    (losses, grads), (losses_cl, grads_cl) = results
+    assert set(losses) == set(HEADS) and all(v.item() > 0 for v in losses.values())
+    for name in losses:
+        torch.testing.assert_close(losses_cl[name], losses[name], rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_cl.keys()
+    for name in ("diag", "seg", "det", "emb"):
+        head = [n for n in grads if n.startswith(f"heads.{name}.")]
+        assert head and any(torch.count_nonzero(grads[n]) for n in head), name
+    for name in grads:  # summation order differs between layouts: compare whole tensors
+        error = (grads_cl[name] - grads[name]).norm() / grads[name].norm().clamp(min=1e-12)
+        assert error < 1e-2, (name, float(error))  # a layout bug gives O(1)
 
 
 @pytest.mark.parametrize(

@@ -42,3 +42,13 @@ def test_quick_run_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
     for row in rows:
         value = float(row.split()[-4])
         assert 0.0 <= value <= 1.0 or np.isnan(value)
+
+
+def test_quick_run_fails_on_a_broken_score(monkeypatch, capsys) -> None:
+    """The smoke run's exit status means something: a NaN score (a diverged or empty
+    evaluation) makes it 1."""
+    nan = [quality.Row("digits (stub)", "accuracy", float("nan"), 0.97, 0.0)]
+    monkeypatch.setattr(quality, "bench_digits", lambda quick, seed: nan)
+    monkeypatch.setattr(quality, "bench_phantoms", lambda quick, seed: [])
+    assert quality.main(["--quick"]) == 1
+    assert "BROKEN: digits (stub) accuracy = nan" in capsys.readouterr().out
