@@ -29,8 +29,14 @@ def test_bench_shards_quick(tmp_path):
     number = r"\s+[0-9.]+"
     for row in ("tar \\(copy the source files\\)", "bigmodel-shard build"):
         assert re.search(row + number * 3, out), out
-    for row in ("one file per member", "shard pipeline", "decode from memory \\(bound\\)"):
+    for row in (
+        "one file per member",
+        "shard pipeline \\(sha256 checked\\)",
+        "shard pipeline, no sha256 check",
+        "decode from memory \\(bound\\)",
+    ):
         assert re.search(row + number * 2, out), out
+    assert re.search(r"sha256 check on read: [0-9.]+x", out), out
     assert "read (one epoch, 12 samples)" in out
     # the work folder holds the real artefacts: shards with a manifest, and the per-file copy
     assert (tmp_path / "shards" / "dataset.json").is_file()

@@ -184,7 +184,7 @@ def test_png_rgb_and_multilabel(tmp_path):
     cfg = make_cfg(normalize="none")
     batches = list(make_eval_loader(cfg, load_manifest(tmp_path), 0, 1))
     for batch in batches:
-        assert set(batch) == {"image", "key", "group", "has", "cls"}
+        assert set(batch) == {"image", "key", "group", "shards", "has", "cls"}
         assert batch["cls"].dtype == torch.float32 and batch["cls"].shape[1] == 4
         for i, key in enumerate(batch["key"]):
             assert torch.equal(

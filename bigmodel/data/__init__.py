@@ -9,6 +9,7 @@ preprocessing that training and prediction share.
 
 from bigmodel.data._augment import collate
 from bigmodel.data._decode import SampleError
+from bigmodel.data._integrity import DamagedShardError
 from bigmodel.data.intensity import IntensitySpec, apply_intensity, intensity_spec
 from bigmodel.data.manifest import (
     Manifest,
@@ -26,6 +27,7 @@ from bigmodel.data.pipeline import (
 )
 
 __all__ = [
+    "DamagedShardError",
     "EvalLoader",
     "IntensitySpec",
     "Manifest",

@@ -163,6 +163,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.stack([_pad_to(s["image"], height, width, 0.0) for s in samples]),
         "key": [s["key"] for s in samples],
         "group": [s["group"] for s in samples],
+        # the shards the batch's samples come from (integrity reports name the steps using one)
+        "shards": sorted({s["shard"] for s in samples if s.get("shard")}),
         "has": {
             task: torch.tensor([s["has"][task] for s in samples], dtype=torch.bool)
             for task in first["has"]

@@ -74,6 +74,7 @@ class SampleDecoder:
             "image": image,
             "key": sample["__key__"],
             "group": _text(sample.get(GROUP, "")),
+            "shard": sample.get("__url__", ""),
             "has": {},
         }
         meta = sample.get(META)

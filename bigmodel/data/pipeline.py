@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import multiprocessing
 import random
 from collections.abc import Iterable, Iterator
@@ -42,9 +43,13 @@ from torch.utils.data import DataLoader, get_worker_info
 from bigmodel.config import Config
 from bigmodel.data._augment import SampleTransform, collate
 from bigmodel.data._decode import SampleDecoder, png_handler
+from bigmodel.data._integrity import DAMAGED_KEY, DamagedShardError, ShardCheck, damaged_message
 from bigmodel.data.manifest import Manifest, ManifestError, data_intensity
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "DamagedShardError",
     "EvalLoader",
     "TrainLoader",
     "make_eval_loader",
@@ -80,7 +85,12 @@ def _split_by_rank(src: Iterable[dict], rank: int, world_size: int) -> Iterator[
 
 
 def _resample(
-    src: Iterable[dict], counts: dict[str, int], seed: int, rank: int, epoch: Any
+    src: Iterable[dict],
+    counts: dict[str, int],
+    seed: int,
+    rank: int,
+    epoch: Any,
+    check: ShardCheck | None = None,
 ) -> Iterator[dict]:
     """Draw this worker's shards with replacement, forever (seeded by seed/rank/worker/epoch).
 
@@ -102,6 +112,13 @@ def _resample(
         torch.manual_seed(stream_seed)
     rng = random.Random(stream_seed)
     while True:
+        if check is not None and check.damaged:  # skipped shards are never drawn again
+            weights = [counts[u] if u not in check.damaged else 0 for u in urls]
+            if sum(weights) == 0:
+                raise DamagedShardError(
+                    f"rank {rank} loader worker {_worker_id()}: every shard it reads is damaged "
+                    f"({sorted(check.damaged)[:3]}); run bigmodel-shard verify and rebuild"
+                )
         yield {"url": rng.choices(urls, weights)[0]}
 
 
@@ -130,6 +147,11 @@ def _transform(cfg: Config, manifest: Manifest, train: bool) -> SampleTransform:
         resize=cfg.data.resize,
         resize_tolerance=cfg.data.resize_tolerance,
     )
+
+
+def _shard_check(cfg: Config, paths: list[str], shards: Iterable[Any]) -> ShardCheck:
+    digests = {path: s.sha256 for path, s in zip(paths, shards, strict=True) if s.sha256}
+    return ShardCheck(digests, cfg.data.on_damaged_shard)
 
 
 def train_batches_per_epoch(cfg: Config, manifest: Manifest, world_size: int) -> int:
@@ -163,6 +185,34 @@ class _SharedEpoch:
         self.shared.value = epoch
 
 
+class _Integrity:
+    """Main-process side of the shard check: which steps used a shard, and what to do when one
+    is reported damaged (see ``_integrity.py``)."""
+
+    def __init__(self, root: Any, mode: str, accumulation: int = 1) -> None:
+        self.root, self.mode, self.accumulation = root, mode, accumulation
+        self.used: dict[str, list[int]] = {}
+        self.damaged: list[str] = []
+
+    def note(self, batch: dict[str, Any], step: int) -> None:
+        for shard in batch.get("shards", ()):
+            steps = self.used.setdefault(shard, [])
+            if not steps or steps[-1] != step:
+                steps.append(step)
+
+    def damaged_batch(self, batch: Any) -> bool:
+        """True for a worker's damage report (handled here: raise or warn), False otherwise."""
+        if not (isinstance(batch, dict) and DAMAGED_KEY in batch):
+            return False
+        report = batch[DAMAGED_KEY]
+        message = damaged_message(report, self.used.get(report["shard"], []), self.root, self.mode)
+        if self.mode == "stop":
+            raise DamagedShardError(message)
+        self.damaged.append(report["shard"])
+        log.warning("%s", message)
+        return True
+
+
 class TrainLoader:
     """Endless resampled batches, cut into epochs of a fixed number of batches.
 
@@ -170,15 +220,23 @@ class TrainLoader:
     after each one, or is set with :meth:`set_epoch` (e.g. when resuming).
     """
 
-    def __init__(self, loader: DataLoader, batches: int, epoch: _SharedEpoch) -> None:
+    def __init__(
+        self, loader: DataLoader, batches: int, epoch: _SharedEpoch, integrity: _Integrity
+    ) -> None:
         self.loader = loader
         self.batches = batches
         self._epoch = epoch
+        self.integrity = integrity
 
     @property
     def epoch(self) -> int:
         """The epoch the next ``iter()`` yields."""
         return self._epoch.value
+
+    @property
+    def damaged_shards(self) -> int:
+        """Shards dropped so far as damaged (``data.on_damaged_shard=skip``)."""
+        return len(self.integrity.damaged)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch (shard draws, shuffle and augmentation are seeded by it)."""
@@ -189,24 +247,45 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Workers read the shared epoch when their stream (re)starts inside iter(self.loader).
-        yield from itertools.islice(iter(self.loader), self.batches)
+        accumulation = self.integrity.accumulation
+        first_step = self._epoch.value * (self.batches // accumulation)
+        count = 0
+        for batch in self.loader:
+            if self.integrity.damaged_batch(batch):
+                continue  # a report, not a batch: the epoch still has len(self) batches
+            # the optimizer step this batch feeds (1-based, as the engine counts)
+            self.integrity.note(batch, first_step + count // accumulation + 1)
+            yield batch
+            count += 1
+            if count == self.batches:
+                break
         self._epoch.value += 1
 
 
 class EvalLoader:
     """One ordered pass over this rank's shards; ``len()`` is this rank's exact batch count."""
 
-    def __init__(self, loader: DataLoader, batches: int, num_samples: int) -> None:
+    def __init__(
+        self, loader: DataLoader, batches: int, num_samples: int, integrity: _Integrity
+    ) -> None:
         self.loader = loader
         self.batches = batches
         self.num_samples = num_samples
         """Samples this rank yields per pass (from the manifest's per-shard counts)."""
+        self.integrity = integrity
+
+    @property
+    def damaged_shards(self) -> int:
+        """Shards reported damaged so far (skip mode; their samples were already evaluated)."""
+        return len(self.integrity.damaged)
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.loader)
+        for batch in self.loader:
+            if not self.integrity.damaged_batch(batch):
+                yield batch
 
 
 def _data_loader(pipeline: wds.DataPipeline, workers: int) -> DataLoader:
@@ -253,6 +332,7 @@ def make_train_loader(
         )
     paths = manifest.shard_paths(data.train_split)
     counts = {path: shard.num_samples for path, shard in zip(paths, split.shards, strict=True)}
+    check = _shard_check(cfg, paths, split.shards)
     epoch = _SharedEpoch()
     stages = [
         # every shard of the split, in manifest order: {"url": path}
@@ -262,9 +342,10 @@ def make_train_loader(
         # this loader worker's shards
         wds.split_by_worker,
         # endless seeded draws from them, weighted by sample count
-        partial(_resample, counts=counts, seed=cfg.seed, rank=rank, epoch=epoch),
-        # raw samples: {"__key__", "__url__", "image.npy": bytes, "cls": bytes, ...}
-        wds.tarfile_to_samples(),
+        partial(_resample, counts=counts, seed=cfg.seed, rank=rank, epoch=epoch, check=check),
+        # raw samples: {"__key__", "__url__", "image.npy": bytes, "cls": bytes, ...}; each
+        # shard's bytes hashed as they stream and checked against dataset.json at its end
+        check.samples,
         # the same samples in shuffled order
         partial(_seeded_shuffle, bufsize=data.shuffle_buffer, seed=cfg.seed, rank=rank, epoch=epoch)
         if data.shuffle_buffer > 1
@@ -278,10 +359,13 @@ def make_train_loader(
         wds.map(_transform(cfg, manifest, train=True)),
         # batches per docs/contracts.md
         wds.batched(data.batch_size, collation_fn=collate, partial=False),
+        # the same batches, with a damage report after a shard whose hash did not match
+        check.reports,
     ]
     pipeline = wds.DataPipeline(*stages)
     batches = batches_per_epoch or train_batches_per_epoch(cfg, manifest, world_size)
-    return TrainLoader(_data_loader(pipeline, workers), batches, epoch)
+    integrity = _Integrity(manifest.root, data.on_damaged_shard, cfg.optim.accumulation_steps)
+    return TrainLoader(_data_loader(pipeline, workers), batches, epoch, integrity)
 
 
 def make_eval_loader(
@@ -301,6 +385,7 @@ def make_eval_loader(
     split = split or data.val_split
     shards = manifest.split(split).shards
     paths = manifest.shard_paths(split)
+    check = _shard_check(cfg, paths, shards)
     mine = list(range(rank, len(shards), world_size))
     # Never more workers than shards: a worker without a shard would only cost a process.
     workers = min(data.loader_workers, len(mine))
@@ -317,8 +402,9 @@ def make_eval_loader(
         partial(_split_by_rank, rank=rank, world_size=world_size),
         # this loader worker's shards
         wds.split_by_worker,
-        # raw samples, in shard order (no shuffle: order does not matter for metrics)
-        wds.tarfile_to_samples(),
+        # raw samples, in shard order (no shuffle: order does not matter for metrics), each
+        # shard hashed as it streams and checked at its end
+        check.samples,
         # numpy arrays, ints, JSON objects (group still bytes)
         wds.decode(png_handler),
         # tensors, absent labels filled, has flags
@@ -327,6 +413,10 @@ def make_eval_loader(
         wds.map(_transform(cfg, manifest, train=False)),
         # batches per docs/contracts.md; the last one of each worker may be short
         wds.batched(batch_size, collation_fn=collate, partial=True),
+        # the same batches, with a damage report after a shard whose hash did not match
+        check.reports,
     ]
     num_samples = sum(shards[i].num_samples for i in mine)
-    return EvalLoader(_data_loader(wds.DataPipeline(*stages), workers), batches, num_samples)
+    integrity = _Integrity(manifest.root, data.on_damaged_shard)
+    loader = _data_loader(wds.DataPipeline(*stages), workers)
+    return EvalLoader(loader, batches, num_samples, integrity)

@@ -192,6 +192,8 @@ def fit(
             if state.step % cfg.train.log_every == 0 or run_done:
                 figures = logger.step_figures(dm.lr(), grad_norm if applied else None)
                 figures["nonfinite_skipped"] = float(state.nonfinite)
+                # shards dropped for a sha256 mismatch (data.on_damaged_shard=skip)
+                figures["data/damaged_shards"] = float(getattr(train_loader, "damaged_shards", 0))
                 logger.write(state.step, epoch, figures)
                 report.update(figures)
 
