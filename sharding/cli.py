@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from sharding.build import LAYOUTS, BuildOptions, build_shards
-from sharding.inspection import save_grid, summary_table
+from sharding.inspection import save_grid, save_histograms, summary_table
 from sharding.readers import READERS
 from sharding.records import SourceError
 from sharding.splits import parse_ratios
@@ -107,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--show", type=int, default=0, help="samples to draw")
     i.add_argument("--out", default="grid.png", help="PNG file for --show")
+    i.add_argument(
+        "--histogram",
+        metavar="PNG",
+        help="write intensity histograms (raw and after --intensity) of --show or 64 samples",
+    )
+    i.add_argument(
+        "--intensity",
+        default="auto",
+        help="data.intensity scheme for --histogram (auto, ct, ct_window[:NAME], mr, dataset)",
+    )
     return parser
 
 
@@ -177,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary_table(load_manifest(args.dir)))
         if args.show:
             print(f"wrote {save_grid(args.dir, args.show, args.out)}")
+        if args.histogram:
+            hist = save_histograms(args.dir, args.show or 64, args.histogram, args.intensity)
+            print(f"wrote {hist}")
         return 0
     except SourceError as err:
         print(f"bigmodel-shard: error: {err}", file=sys.stderr)

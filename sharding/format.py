@@ -59,6 +59,24 @@ CT_WINDOWS = {
     "abdomen": (40.0, 400.0),
 }
 
+_MR_SEQUENCES = ("MR", "T1", "T2", "FLAIR", "ADC", "DWI", "PD", "SWI", "DIFFUSION")
+
+
+def default_intensity(modality: str) -> str:
+    """The intensity scheme ``data.intensity=auto`` picks for a manifest's ``image.modality``.
+
+    ``ct`` for CT, ``mr`` for MR (or MR sequence names, as nnU-Net channel names give them),
+    ``dataset`` (z-score with the manifest's mean/std) for anything else or unknown.
+    """
+    modality = modality.upper()
+    if modality == "CT":
+        return "ct"
+    tokens = [t for t in modality.replace(",", "+").split("+") if t]
+    if tokens and all(t.startswith(_MR_SEQUENCES) for t in tokens):
+        return "mr"
+    return "dataset"
+
+
 UNKNOWN_LABEL = -1  # in multi-label vectors
 MASK_IGNORE = 255  # in label maps: not annotated
 

@@ -1,7 +1,10 @@
-"""``bigmodel-shard inspect``: a summary table of a shard folder and a PNG grid of samples.
+"""``bigmodel-shard inspect``: a summary table, a PNG grid of samples, intensity histograms.
 
 The grid is the quickest check that masks and boxes line up with the pixels after slicing and
-that windowing looks sane, before anyone trains on the data.
+that windowing looks sane, before anyone trains on the data. The histograms show the raw
+intensities of sampled pixels next to what the training's intensity preprocessing
+(``data.intensity``) makes of them: air piled at -1000 HU squeezing soft tissue, or a window
+that clips the structure of interest, is visible at a glance.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sharding import format as fmt
+from sharding.records import SourceError
 from sharding.verify import _samples, load_manifest
 
 
@@ -153,4 +157,78 @@ def _display_arrays(sample: dict[str, Any], manifest: dict[str, Any]):
     return plane, mask
 
 
-__all__ = ["pick_samples", "save_grid", "summary_table"]
+def preview_intensity(
+    values: np.ndarray, scheme: str, manifest: dict[str, Any], window: dict | None = None
+) -> np.ndarray:
+    """``values`` (one channel's raw pixels of one image) as ``data.intensity=scheme`` makes them.
+
+    A numpy mirror of ``bigmodel.data.intensity.apply_intensity`` for channel 0 (sharding may
+    not import torch or bigmodel); tests/test_intensity.py checks that the two agree.
+    """
+    name, _, named = scheme.partition(":")
+    if name == "auto":
+        name = fmt.default_intensity(str((manifest.get("image") or {}).get("modality", "")))
+    stats = manifest.get("stats") or {}
+    values = values.astype(np.float64)
+    if name == "none":
+        return values
+    if name == "ct_window":
+        if named:
+            center, width = fmt.CT_WINDOWS.get(named) or tuple(float(v) for v in named.split(","))
+        elif window:
+            center, width = float(window["center"]), float(window["width"])
+        else:
+            raise ValueError("ct_window: this sample has no DICOM window; name one")
+        return (np.clip(values, center - width / 2, center + width / 2) - center) / (width / 2)
+    if name == "mr":
+        return (values - values.mean()) / max(float(values.std()), 1e-6)
+    source = (stats.get("foreground") or stats) if name == "ct" else stats
+    if name == "ct":
+        values = np.clip(values, source["p0_5"][0], source["p99_5"][0])
+    std = source["std"][0] if source["std"][0] > 0 else 1.0
+    return (values - source["mean"][0]) / std
+
+
+def save_histograms(root: str | Path, n: int, out: str | Path, scheme: str = "auto") -> Path:
+    """Histograms of ``n`` samples' channel-0 intensities, raw and after ``scheme``, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root, out = Path(root), Path(out)
+    manifest = load_manifest(root)
+    raw, done = [], []
+    for sample in pick_samples(root, manifest, n):
+        if fmt.IMAGE_NPY in sample:
+            image = np.load(io.BytesIO(sample[fmt.IMAGE_NPY]), allow_pickle=False)
+        else:
+            from PIL import Image
+
+            image = np.asarray(Image.open(io.BytesIO(sample[fmt.IMAGE_PNG])))
+            image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+        meta = json.loads(sample.get(fmt.META, b"{}"))
+        raw.append(image[0].ravel())
+        done.append(preview_intensity(image[0].ravel(), scheme, manifest, meta.get("window")))
+    if not raw:
+        raise SourceError(str(root), "has no samples to draw", "build the shards first")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    modality = (manifest.get("image") or {}).get("modality") or "modality unknown"
+    for ax, values, title in (
+        (axes[0], np.concatenate(raw), f"raw ({modality})"),
+        (axes[1], np.concatenate(done), f"after data.intensity={scheme}"),
+    ):
+        ax.hist(values, bins=100, color="steelblue")
+        ax.set_yscale("log")
+        ax.set_title(f"{title}: {len(raw)} samples", fontsize=9)
+        ax.set_xlabel("intensity")
+    axes[0].set_ylabel("pixels (log)")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+__all__ = ["pick_samples", "preview_intensity", "save_grid", "save_histograms", "summary_table"]

@@ -91,3 +91,27 @@ def test_sharding_records_foreground_statistics():
     summary = ChannelStats.from_state(stats.to_state()).summary()
     assert summary["foreground"]["mean"] == [40.0] and summary["foreground"]["std"] == [0.0]
     assert summary["mean"][0] < -800 and summary["image_size"] == {"min": [10, 10], "max": [10, 10]}
+
+
+@pytest.mark.parametrize("scheme", ["ct", "ct_window:brain", "ct_window", "dataset", "mr", "none"])
+def test_inspect_preview_matches_the_training_transform(scheme):
+    from sharding.inspection import preview_intensity
+
+    values = np.random.default_rng(0).normal(-200, 600, size=200)
+    window = {"center": 40.0, "width": 400.0}
+    spec = intensity_spec(scheme, CT_MANIFEST) if scheme != "mr" else IntensitySpec("mr")
+    want = apply_intensity(torch.from_numpy(values).view(1, 1, -1), spec, window).view(-1)
+    got = preview_intensity(values, scheme, CT_MANIFEST, window)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_inspect_writes_the_histogram_png(tmp_path):
+    from test_slice_labels import _build, _source
+
+    from sharding import cli
+
+    _build(_source(tmp_path), tmp_path / "out")
+    png = tmp_path / "hist.png"
+    argv = ["inspect", str(tmp_path / "out"), "--histogram", str(png), "--intensity", "dataset"]
+    assert cli.main(argv) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

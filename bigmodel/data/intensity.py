@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from bigmodel.config import ConfigError
-from sharding.format import CT_WINDOWS
+from sharding.format import CT_WINDOWS, default_intensity
 
 __all__ = ["SCHEMES", "IntensitySpec", "apply_intensity", "intensity_spec"]
 
@@ -41,7 +41,6 @@ _CT_ONLY = ("ct", "ct_window")
 # clip it to nothing.
 _AIR_HU = -500.0
 _EPS = 1e-6
-_MR_SEQUENCES = ("MR", "T1", "T2", "FLAIR", "ADC", "DWI", "PD", "SWI", "DIFFUSION")
 
 
 @dataclass(frozen=True)
@@ -88,16 +87,6 @@ def _parse_window(text: str) -> tuple[float, float]:
     return center, width
 
 
-def _auto_scheme(modality: str) -> str:
-    """``ct`` for CT, ``mr`` for MR (or MR sequence names, as nnU-Net channel names give them)."""
-    if modality == "CT":
-        return "ct"
-    tokens = [t for t in modality.replace(",", "+").split("+") if t]
-    if modality == "MR" or (tokens and all(t.startswith(_MR_SEQUENCES) for t in tokens)):
-        return "mr"
-    return "dataset"
-
-
 def intensity_spec(
     scheme: str, manifest: dict[str, Any], where: str = "dataset.json"
 ) -> IntensitySpec:
@@ -121,7 +110,7 @@ def intensity_spec(
     modality = str((manifest.get("image") or {}).get("modality", "") or "").upper()
     stats = manifest.get("stats") or {}
     if name == "auto":
-        name = _auto_scheme(modality)
+        name = default_intensity(modality)
     if name in _CT_ONLY and modality and modality != "CT":
         raise ConfigError(
             f"data.intensity={scheme} clips Hounsfield units but {where} holds {modality} "
