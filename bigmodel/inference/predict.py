@@ -52,6 +52,8 @@ class Predictor:
         model: a model folder, ``models:/name@alias``, or an already loaded model.
         batch_size: slices per forward pass.
         device: ``cpu``, ``cuda``... (the model is moved there once).
+        backend: ``torch`` (eager) or ``onnxruntime`` (the folder's ``model.onnx`` from
+            ``bigmodel-export``: its heads only, several times faster on CPU).
     """
 
     def __init__(
@@ -59,13 +61,21 @@ class Predictor:
         model: str | Path | LoadedModel,
         batch_size: int = DEFAULT_BATCH,
         device: str | torch.device = "cpu",
+        backend: str = "torch",
     ) -> None:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.prep = self.loaded.preprocessing
         self.device = torch.device(device)
-        self.model = self.loaded.model.to(self.device).eval()
+        if backend == "onnxruntime":
+            from bigmodel.inference._onnx_backend import OnnxModel
+
+            self.model = OnnxModel(self.loaded, self.device)
+        elif backend == "torch":
+            self.model = self.loaded.model.to(self.device).eval()
+        else:
+            raise ValueError(f"backend {backend!r}: choose torch or onnxruntime")
         self.batch_size = batch_size
-        self.heads = dict(self.prep.head_types)
+        self.heads = {name: self.prep.head_types[name] for name in self.model.head_configs}
 
     # ------------------------------------------------------------------ arrays
 
@@ -273,6 +283,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="slices per pass")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="eager PyTorch, or ONNX Runtime on the model.onnx that bigmodel-export wrote",
+    )
     return parser.parse_args(argv)
 
 
@@ -282,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parse(argv)
     try:
-        predictor = Predictor(args.model, batch_size=args.batch_size, device=args.device)
+        predictor = Predictor(args.model, args.batch_size, args.device, args.backend)
     except (ModelFolderError, FileNotFoundError, ValueError) as err:
         print(f"bigmodel-predict: {err}", file=sys.stderr)
         return 2
