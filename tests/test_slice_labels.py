@@ -3,7 +3,6 @@ or is copied only when asked; the manifest says which, and contradictions stop t
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
