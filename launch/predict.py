@@ -64,7 +64,7 @@ class PredictActor:
 
 def _connect(address: str | None) -> bool:
     """Join ``address`` / ``RAY_ADDRESS``, or start an embedded Ray; True when started here."""
-    import ray
+    import ray  # here, not at the top: the single-process path never loads Ray
 
     if ray.is_initialized():
         return False
@@ -91,8 +91,10 @@ def predict_with_ray(
     Each row has ``input``, ``summary_file`` (empty on failure) and ``error`` (empty on
     success). Actors take one GPU each when the cluster has GPUs, else ``cpus_per_actor`` CPUs.
     """
-    import ray
+    import ray  # here, not at the top: the single-process path never loads Ray
 
+    # absolute paths: actors run in their own working directories (other nodes, even)
+    inputs = [str(Path(p).resolve()) for p in inputs]
     started = _connect(address)
     try:
         gpus = ray.cluster_resources().get("GPU", 0.0)
@@ -100,10 +102,10 @@ def predict_with_ray(
         if actors is None:
             actors = int(gpus) if gpus >= 1 else max(1, int(cpus // cpus_per_actor))
         actors = max(1, min(actors, math.ceil(len(inputs) / files_per_call)))
-        order = {str(p): i for i, p in enumerate(inputs)}
+        order = {p: i for i, p in enumerate(inputs)}
         # stages: input paths -> batches of paths -> actors' predict_file (writes the outputs)
         # -> one result row per input
-        dataset = ray.data.from_items([{"path": str(p)} for p in inputs])
+        dataset = ray.data.from_items([{"path": p} for p in inputs])
         results = dataset.map_batches(
             PredictActor,
             fn_constructor_kwargs={
