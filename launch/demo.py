@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     prediction = predict_real_volume(run_dir / "model", volume, out / "predictions")
     for head, entry in prediction["heads"].items():
         shown = entry.get("probabilities") or entry.get("volumes_ml") or {}
+        if entry["type"] == "retrieval":
+            shown = f"{len(entry['embedding'])}-d embedding in the JSON summary"
         print(f"  {head:10s} {entry['type']:15s} {shown}")
 
     print(f"\nDone in {time.perf_counter() - start:.0f} s. Results:")
