@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigmodel.config import Config, config_from_dict
+from bigmodel.config import ClassificationHeadConfig, Config, config_from_dict
 from bigmodel.engine.session import LocalSession
 
 CHANNELS = 3
@@ -47,6 +47,8 @@ class TinyMultiTask(nn.Module):
             nn.ReLU(),
         )
         self.head = nn.Linear(8, CLASSES)
+        # the MultiTaskModel attribute evaluation reads (bigmodel.inference.window)
+        self.head_configs = {"diag": ClassificationHeadConfig(num_classes=CLASSES)}
 
     def forward(self, images: torch.Tensor, batch: dict[str, Any] | None = None) -> dict[str, Any]:
         logits = self.head(self.features(images).mean((2, 3)))
