@@ -68,10 +68,11 @@ def _generated_case(rng: np.random.Generator, with_lesion: bool) -> tuple[np.nda
         lx = cx + rng.uniform(-ax / 3, ax / 3)
         ly = cy + rng.uniform(-ay / 3, ay / 3)
         radius = rng.uniform(6, 9)
-        centre, half_depth = rng.uniform(4, shape[2] - 5), rng.uniform(3, 4.5)
+        # Centred in the volume and shorter than it: the first and last slices never hold lesion.
+        centre, half_depth = rng.uniform(5, 6), rng.uniform(5, 6.5)
         for z in range(shape[2]):
             shrink = 1 - ((z - centre) / half_depth) ** 2
-            if shrink < 0.5:  # the ellipsoid's tips: no lesion under ~3 px radius
+            if shrink < 0.3:  # the ellipsoid's tips: no lesion under ~3 px radius
                 continue
             disc = ((x - lx) ** 2 + (y - ly) ** 2 <= radius**2 * shrink) & body
             label[disc, z] = 2
