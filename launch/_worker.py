@@ -160,11 +160,14 @@ def failure_summary(error: Exception, cfg: Config) -> str:
     if failures:
         rank, first = min(failures.items())
         others = f" (and {len(failures) - 1} more rank(s))" if len(failures) > 1 else ""
-        retries = cfg.cluster.max_failures
+        what = _innermost_error(first)
+        if "out of memory" in str(first).lower():
+            what = "the worker was killed by Ray's memory monitor (the node ran out of memory)"
+        logs = worker_log(cfg, rank).parent
         return (
-            f"training failed on rank {rank}{others}: {type(first).__name__}: "
-            f"{_one_line(first)[-300:]} (after {retries} restart(s) allowed by "
-            f"cluster.max_failures); full traceback: {worker_log(cfg, rank)}"
+            f"training failed on rank {rank}{others}: {what} (after "
+            f"{cfg.cluster.max_failures} restart(s) allowed by cluster.max_failures); "
+            f"tracebacks and Ray's messages: {logs}"
         )
     return (
         f"training failed: {_innermost_error(cause or error)}; Ray's messages and the workers' "
