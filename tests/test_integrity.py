@@ -87,3 +87,21 @@ def test_intact_shards_pass(tmp_path):
     assert sum(len(b["key"]) for b in make_eval_loader(cfg, load_manifest(tmp_path), 0, 1)) == 3
     loader = make_train_loader(cfg, load_manifest(tmp_path), 0, 1)
     assert len(list(loader)) == len(loader) and loader.damaged_shards == 0
+
+
+def test_training_stops_naming_the_shard(damaged, tmp_path):
+    """The engine's train() on damaged shards ends with the loader's one-line error."""
+    from bigmodel.engine import train
+    from bigmodel.engine.session import LocalSession
+
+    cfg = make_cfg(shards=str(damaged), loader_workers=1, batch_size=4, shuffle_buffer=0)
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"heads": {"diag": cfg.model.heads["diag"]}}),
+            "train": cfg.train.model_copy(
+                update={"epochs": 2, "eval_every": 0, "output_dir": str(tmp_path / "runs")}
+            ),
+        }
+    )
+    with pytest.raises(DamagedShardError, match=r"train-000001.tar.*resume from the checkpoint"):
+        train(cfg, LocalSession())
