@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,3 +81,20 @@ def test_eval_on_shards_that_do_not_fit_names_the_manifest(setup, tmp_path, caps
     assert not out.exists()
     assert main([str(folder), "--shards", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "no shard manifest" in capsys.readouterr().err
+
+
+def test_eval_on_a_damaged_shard_names_it_and_writes_no_report(setup, tmp_path, capsys):
+    shards, folder, _ = setup
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    shard = Path(load_manifest(copy).shard_paths("test")[0])
+    with tarfile.open(shard) as tar:  # flip payload bytes of one image; tar headers stay intact
+        member = next(m for m in tar if m.name.endswith(".npy"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size - 4 : member.offset_data + member.size] = b"\xff" * 4
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "report"
+    assert main([str(folder), "--shards", str(copy), "--out", str(out), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{shard.name}: its bytes do not match the sha256" in err
+    assert not (out / "report.json").exists()

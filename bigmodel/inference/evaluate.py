@@ -71,11 +71,12 @@ def _check_fit(loaded: LoadedModel, manifest: Manifest) -> None:
             )
 
 
-def _samples(manifest: Manifest, split: str) -> Iterator[dict[str, Any]]:
+def _samples(manifest: Manifest, split: str, check: Any = None) -> Iterator[dict[str, Any]]:
     """Decoded samples of ``split`` in manifest order: raw whole images and their labels.
 
     Read with the training decoder (``SampleDecoder``) but without its crop: every pixel of
-    every image is kept.
+    every image is kept. With ``check`` (``bigmodel.data``'s ``ShardCheck``) each shard is
+    hashed as it streams and compared with its sha256 in ``dataset.json`` at its end.
     """
     import webdataset as wds
 
@@ -86,11 +87,19 @@ def _samples(manifest: Manifest, split: str) -> Iterator[dict[str, Any]]:
         return iter(())
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(paths),  # every shard once, in order
-        wds.tarfile_to_samples(),  # raw members
+        check.samples if check is not None else wds.tarfile_to_samples(),  # raw members
         wds.decode(png_handler),  # numpy arrays, ints, JSON
         wds.map(SampleDecoder(manifest)),  # tensors: image [C, H, W] unnormalised, labels, has
     )
     return iter(pipeline)
+
+
+def _shard_check(manifest: Manifest, split: str) -> Any:
+    from bigmodel.data._integrity import ShardCheck
+
+    paths = manifest.shard_paths(split)
+    shards = manifest.split(split).shards
+    return ShardCheck({p: s.sha256 for p, s in zip(paths, shards, strict=True) if s.sha256})
 
 
 def _batches(samples: Iterator[dict], batch_size: int, prep) -> Iterator[dict[str, Any]]:
@@ -365,13 +374,20 @@ def evaluate_model(
     metrics = build_metrics(loaded.config.model)
     rec = _Records(loaded)
     bar = tqdm(total=total, desc=f"eval {split}", unit="img", disable=not progress)
+    check = _shard_check(manifest, split)
     with torch.inference_mode():
-        for batch in _batches(_samples(manifest, split), batch_size, prep):
+        for batch in _batches(_samples(manifest, split, check), batch_size, prep):
             outputs = forward(loaded.model, batch["normalised"], prep)
             metrics.update(outputs, batch)
             rec.add(outputs, batch)
             bar.update(len(batch["key"]))
     bar.close()
+    if check.damaged:
+        raise EvalError(
+            f"{sorted(check.damaged)[0]}: its bytes do not match the sha256 in {manifest.path} "
+            f"(damaged after the build), so no report was written; run bigmodel-shard verify "
+            f"{manifest.root} and rebuild the shard"
+        )
     if not rec.keys:
         raise EvalError(f"{manifest.path}: split {split!r} has no samples")
     figures = metrics.compute()
