@@ -471,6 +471,8 @@ def evaluate_model(
                 _plots.detection_png(rec.detections[head], head, out / f"{head}_boxes.png")
             )
             report["ci95"][f"{head}/map"] = None  # see docs/inference.md: no per-patient mAP
+    # A picture with nothing to show (no labelled sample, one class only) is left out.
+    report["plots"] = {k: v for k, v in report["plots"].items() if v != "None"}
     _write_csv(out / "per_sample.csv", per_sample)
     report["per_sample_csv"] = str(out / "per_sample.csv")
     write_json(out / "report.json", report)
@@ -600,8 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_report(report)
     print(f"\nreport: {report['report']}  per-sample: {report['per_sample_csv']}")
     for name, path in report["plots"].items():
-        if path and path != "None":
-            print(f"  plot {name}: {path}")
+        print(f"  plot {name}: {path}")
     return 0
 
 
