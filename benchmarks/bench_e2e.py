@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import subprocess
 import sys
@@ -277,8 +276,10 @@ def _bigmodel_config(args: argparse.Namespace, shards: Path, out: Path) -> Path:
 
     manifest = json.loads((shards / "dataset.json").read_text())
     train_samples = manifest["splits"]["train"]["num_samples"]
-    steps_per_epoch = max(1, train_samples // args.batch)
-    epochs = max(1, math.ceil(args.steps / steps_per_epoch))
+    # The longest epoch of at most one pass that divides the run: epochs x steps = --steps.
+    one_pass = max(1, train_samples // args.batch)
+    steps_per_epoch = max(d for d in range(1, one_pass + 1) if args.steps % d == 0)
+    epochs = args.steps // steps_per_epoch
     cfg = {
         "name": "e2e",
         "seed": 0,
@@ -304,7 +305,7 @@ def _bigmodel_config(args: argparse.Namespace, shards: Path, out: Path) -> Path:
         # the run length in steps, as the baseline's: epochs x steps_per_epoch = steps
         "train": {
             "epochs": epochs,
-            "steps_per_epoch": args.steps // epochs,
+            "steps_per_epoch": steps_per_epoch,
             "output_dir": str(out / "runs"),
         },
         "cluster": {"num_workers": 1, "cpus_per_worker": args.threads},

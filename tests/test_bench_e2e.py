@@ -29,9 +29,13 @@ def test_bigmodel_config_runs_the_scripts_recipe(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "dataset.json").write_text(json.dumps({"splits": {"train": {"num_samples": 36}}}))
+    for steps in (30, 60, 7):  # 36 samples / batch 8: epochs of at most 4 steps
+        args = bench_e2e._parser().parse_args(["--steps", str(steps), "--batch", "8"])
+        cfg = load_config(bench_e2e._bigmodel_config(args, shards, tmp_path))
+        assert cfg.train.epochs * cfg.train.steps_per_epoch == steps
+        assert cfg.train.steps_per_epoch <= 4
     args = bench_e2e._parser().parse_args(["--steps", "60", "--batch", "8", "--lr", "2e-3"])
     cfg = load_config(bench_e2e._bigmodel_config(args, shards, tmp_path))
-    assert cfg.train.epochs * cfg.train.steps_per_epoch == 60
     assert cfg.data.batch_size == 8 and cfg.cluster.num_workers == 1
     assert cfg.scaled_lr() == 2e-3  # reference batch = batch: the script's lr, unscaled
     assert cfg.schedule.warmup_steps == args.warmup and cfg.optim.name == "adamw"
