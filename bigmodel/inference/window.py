@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_area
 
@@ -239,11 +238,11 @@ def whole_image_outputs(
         ``{"boxes", "scores", "labels"}`` per image in image coordinates, classification and
         retrieval as the model gives them for the resized whole image.
     """
-    types = _head_types(model)
     size = (int(images.shape[-2]), int(images.shape[-1]))
     roi = _pair(roi_size)
     if size == roi:
         return model(images)["outputs"]
+    types = _head_types(model)
     if not needs_windows(size, roi):
         return _padded_pass(model, images, roi, types)
     seg = [name for name, kind in types.items() if kind == "segmentation"]
@@ -252,6 +251,11 @@ def whole_image_outputs(
     predictor = _WindowPredictor(model, seg, det, pad, len(images))
     outputs: dict[str, Any] = {}
     if seg or det:
+        # Imported here, not at the top: ``import monai`` loads most of MONAI (and MLflow), tens
+        # of seconds on a busy node, and every training worker imports this module for its
+        # evaluation while most runs never need a window (images of the training size).
+        from monai.inferers import sliding_window_inference
+
         blended = sliding_window_inference(
             images,
             roi_size=roi,
