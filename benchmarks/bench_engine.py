@@ -15,6 +15,16 @@
    an fp32 master partition even in fp32, plus m and v), N=2 ranks:
    DDP 4+4+8; ZeRO-1 4+4+12/N; ZeRO-2 4+(4+12)/N; ZeRO-3 (4+4+12)/N bytes per parameter.
 
+   The same under bf16, two ways: the engine's (``torch.autocast``, DeepSpeed's ``torch_autocast``
+   mode: fp32 parameters and gradients, so the fp32 formulas hold), and DeepSpeed's ``bf16`` mode
+   (the model cast to bf16), whose layout is the ZeRO paper's mixed-precision one: 2 bytes of
+   weights, 2 of gradients and K=12 of fp32 master + m + v, i.e. DDP-like 2+2+12, ZeRO-1
+   2+2+12/N, ZeRO-2 2+(2+12)/N, ZeRO-3 (2+2+12)/N. That mode is what the engine gave up to keep
+   BatchNorm statistics and the exported weights fp32: the table shows what it costs.
+3. Step time with and without a device sync per micro-batch, 2 ranks, accumulation 4: the engine
+   checks finiteness once per optimizer step on the gradient norm; the variant adds what it did
+   before, an all-reduce of the loss's finiteness and a host read after every micro-batch.
+
 Usage: ``python benchmarks/bench_engine.py [--quick]`` (``DS_ACCELERATOR=cpu`` is set here).
 """
 
@@ -43,7 +53,13 @@ from bigmodel.models import build_model  # noqa: E402
 CLASSES = 10
 
 
-def _config(args: argparse.Namespace, out: str, **distributed: Any) -> Config:
+def _config(
+    args: argparse.Namespace,
+    out: str,
+    precision: str = "fp32",
+    accumulation: int = 1,
+    **distributed: Any,
+) -> Config:
     return config_from_dict(
         {
             "name": "bench",
@@ -52,13 +68,20 @@ def _config(args: argparse.Namespace, out: str, **distributed: Any) -> Config:
                 "backbone": {"name": args.model, "in_chans": 3},
                 "heads": {"diag": {"type": "classification", "num_classes": CLASSES}},
             },
-            "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "grad_clip": 1.0},
+            "optim": {
+                "name": "adamw",
+                "lr": 1e-3,
+                "lr_scaling": "none",
+                "grad_clip": 1.0,
+                "accumulation_steps": accumulation,
+            },
             "schedule": {"name": "constant"},
             "train": {
                 "epochs": 1,
                 "log_every": 10**6,  # one figure over the whole run
                 "eval_every": 0,
                 "output_dir": out,
+                "precision": precision,
             },
             "distributed": distributed or {"strategy": "ddp"},
             "cluster": {"num_workers": 2 if distributed else 1},
@@ -199,26 +222,45 @@ def _memory_worker(rank: int, world: int, port: int, args: argparse.Namespace, o
     torch.set_num_threads(1)
     batch = _batches(args, 1)[0]
     results = {}
-    variants = {
-        "ddp": {"strategy": "ddp"},
-        **{f"zero{s}": {"strategy": "deepspeed", "zero_stage": s} for s in (1, 2, 3)},
-    }
-    for name, distributed in variants.items():
-        cfg = _config(args, out, **distributed)
-        device = torch.device("cpu")
-        init_distributed(cfg, rank, rank, world, device)
-        torch.manual_seed(0)
-        model = build_model(cfg.model)
-        numel = sum(p.numel() for p in model.parameters())
-        dm = distribute(model, cfg, world, device, total_steps=10)
-        for step in range(2):  # the second backward: optimizer state exists by then
-            loss = dm.model(batch["image"], batch)["loss"]
-            dm.backward(loss)
-            if step == 1:
-                results[name] = _rank_bytes(dm)
-            dm.optimizer_step()
-        results[name]["numel"] = numel
-        del dm, model
+    # DeepSpeed's bf16 mode (model cast to bf16), for the paper's mixed-precision layout
+    ds_bf16 = {"bf16": {"enabled": True}, "torch_autocast": {"enabled": False}}
+    for precision in ("fp32", "bf16", "ds-bf16"):
+        variants = {
+            "ddp": {"strategy": "ddp"},
+            **{f"zero{s}": {"strategy": "deepspeed", "zero_stage": s} for s in (1, 2, 3)},
+        }
+        if precision == "ds-bf16":  # ZeRO only: DeepSpeed's bf16 optimizer partitions anyway
+            variants = {
+                k: {**v, "deepspeed_overrides": ds_bf16} for k, v in variants.items() if k != "ddp"
+            }
+        for name, distributed in variants.items():
+            if rank == 0:
+                print(f"   measuring {precision} {name}", file=sys.stderr, flush=True)
+            cfg = _config(args, out, "fp32" if precision == "ds-bf16" else precision, **distributed)
+            device = torch.device("cpu")
+            init_distributed(cfg, rank, rank, world, device)
+            torch.manual_seed(0)
+            model = build_model(cfg.model)
+            numel = sum(p.numel() for p in model.parameters())
+            dm = distribute(model, cfg, world, device, total_steps=10)
+            images = batch["image"]
+            if precision == "ds-bf16":
+                # the cast model wants bf16 inputs, and CPU BatchNorm kernels want its
+                # statistics in the weights' dtype (what the engine's _match_norm_buffers did)
+                images = images.to(torch.bfloat16)
+                for m in dm.module.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.running_mean.data = m.running_mean.data.to(torch.bfloat16)
+                        m.running_var.data = m.running_var.data.to(torch.bfloat16)
+            for step in range(2):  # the second backward: optimizer state exists by then
+                with dm.autocast():
+                    loss = dm.model(images, batch)["loss"]
+                dm.backward(loss)
+                if step == 1:
+                    results[(precision, name)] = _rank_bytes(dm)
+                dm.optimizer_step()
+            results[(precision, name)]["numel"] = numel
+            del dm, model
     torch.save(results, Path(out) / f"memory_rank{rank}.pt")
 
 
@@ -237,6 +279,64 @@ FORMULA = {  # bytes per parameter on each of N ranks (fp32 weights/gradients, A
     "zero2": lambda n: 4 + (4 + 12) / n,
     "zero3": lambda n: (4 + 4 + 12) / n,
 }
+MIXED = {  # the ZeRO paper's mixed precision: 2-byte weights and gradients, K=12 fp32 state
+    "ddp": lambda n: 2 + 2 + 12,
+    "zero1": lambda n: 2 + 2 + 12 / n,
+    "zero2": lambda n: 2 + (2 + 12) / n,
+    "zero3": lambda n: (2 + 2 + 12) / n,
+}
+
+
+# ------------------------------------------------------------------------- per-micro-batch sync
+
+
+class _SyncEveryMicroBatch(torch.nn.Module):
+    """The model plus the engine's former per-micro-batch check: all-reduce + host read."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, batch: dict[str, Any] | None = None) -> Any:
+        out = self.model(images, batch)
+        if batch is not None:
+            bad = (~torch.isfinite(out["loss"].detach())).to(torch.int32).reshape(1)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            out["finite"] = not bool(bad.item())  # the device sync
+        return out
+
+
+def _sync_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    batches = _batches(args, args.steps * 4)
+    times: dict[str, list[float]] = {"per step": [], "per micro-batch": []}
+    for _ in range(args.repeats):
+        for variant in times:  # alternating, so load on a shared machine hits both
+            cfg = _config(args, out, accumulation=4, strategy="ddp")
+            torch.manual_seed(0)
+            model = build_model(cfg.model)
+            if variant == "per micro-batch":
+                model = _SyncEveryMicroBatch(model)
+            figures = fit(cfg, LocalSession(), model, _MemoryLoader(batches))
+            times[variant].append(args.batch_size * 4 / figures["samples_per_s"])
+    if rank == 0:
+        torch.save({k: statistics.median(v) for k, v in times.items()}, Path(out) / "sync.pt")
+
+
+def sync_cost(args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as out:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_sync_worker, args=(2, port, args, out), nprocs=2, join=True)
+        return torch.load(Path(out) / "sync.pt")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,19 +368,35 @@ def main(argv: list[str] | None = None) -> None:
 
     mem = memory(args)
     n = 2
-    print(f"\n2. bytes per rank at {n} ranks, fp32 weights and gradients, Adam (after a backward)")
-    print(f"   parameters: {mem['ddp']['numel']:,}")
-    header = f"   {'strategy':8} {'params':>12} {'grads':>12} {'optimizer':>12} {'total':>12}"
-    print(header + f" {'formula':>12} {'measured/formula':>17} {'vs DDP':>7}")
-    ddp_total = sum(mem["ddp"][k] for k in ("params", "grads", "optimizer"))
-    for name in ("ddp", "zero1", "zero2", "zero3"):
-        m = mem[name]
-        total = m["params"] + m["grads"] + m["optimizer"]
-        formula = FORMULA[name](n) * m["numel"]
-        print(
-            f"   {name:8} {m['params']:12,} {m['grads']:12,} {m['optimizer']:12,} {total:12,}"
-            f" {int(formula):12,} {total / formula:17.3f} {total / ddp_total:7.3f}"
-        )
+    print(f"\n2. bytes per rank at {n} ranks, AdamW, after a backward (params + grads + state)")
+    print(f"   parameters: {mem[('fp32', 'ddp')]['numel']:,}")
+    header = f"   {'precision':26} {'strategy':8} {'params':>11} {'grads':>11} {'optimizer':>11}"
+    print(header + f" {'total':>11} {'formula':>11} {'meas/form':>9} {'vs fp32 DDP':>11}")
+    labels = {
+        "fp32": ("fp32", FORMULA),
+        "bf16": ("bf16 autocast (the engine)", FORMULA),
+        "ds-bf16": ("bf16 DeepSpeed cast (paper)", MIXED),
+    }
+    base = sum(mem[("fp32", "ddp")][k] for k in ("params", "grads", "optimizer"))
+    for precision, (label, formulas) in labels.items():
+        for name in ("ddp", "zero1", "zero2", "zero3"):
+            if (precision, name) not in mem:
+                continue
+            m = mem[(precision, name)]
+            total = m["params"] + m["grads"] + m["optimizer"]
+            formula = formulas[name](n) * m["numel"]
+            print(
+                f"   {label:26} {name:8} {m['params']:11,} {m['grads']:11,}"
+                f" {m['optimizer']:11,} {total:11,} {int(formula):11,}"
+                f" {total / formula:9.3f} {total / base:11.3f}"
+            )
+
+    sync = sync_cost(args)
+    once, every = sync["per step"], sync["per micro-batch"]
+    print(f"\n3. step time, {n} ranks (gloo), DDP, accumulation 4 (median of alternating runs)")
+    print(f"   finiteness checked once per step (the engine) : {once * 1000:8.1f} ms/step")
+    print(f"   + an all-reduce and host read per micro-batch  : {every * 1000:8.1f} ms/step")
+    print(f"   ratio per-micro-batch / per-step                : {every / once:8.3f}")
     sys.stdout.flush()
 
 
