@@ -102,6 +102,8 @@ def main() -> int:
 
     rows = []
     for run_dir in sorted((work / "sweeps" / "bench" / "trials").glob("trial_*")):
+        if not (run_dir / "tune_trial.json").is_file():
+            continue  # did not finish (e.g. a worker killed by the machine's OOM killer)
         record = json.loads((run_dir / "tune_trial.json").read_text())
         worker = json.loads((run_dir / "workers" / "rank0.json").read_text())
         rows.append(
@@ -125,7 +127,10 @@ def main() -> int:
     per_trial_tune = statistics.mean(gaps) if gaps else 0.0
 
     load = os.getloadavg()[0]
-    print(f"bigmodel-tune, {len(rows)} trials of a tiny 1-worker run, one at a time, CPU")
+    print(
+        f"bigmodel-tune, {args.trials} trials of a tiny 1-worker run, one at a time, CPU; "
+        f"{len(rows)} finished (only those are timed)"
+    )
     print(f"(load average {load:.1f} on {os.cpu_count()} cores while it ran)\n")
     print(f"{'':34}{'seconds':>10}")
     print(f"{'sweep wall time':34}{wall:10.1f}")

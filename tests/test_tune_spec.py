@@ -6,7 +6,6 @@ a real manifest: heads diagnosis (classification), organs (segmentation), patien
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -201,11 +200,9 @@ def test_concurrency_follows_the_free_resources_and_says_why(tmp_path, shards):
     assert concurrency(fixed, total, {"CPU": 16.0}, [total])[0] == 2
 
 
-@pytest.mark.parametrize("name", ["classification", "segmentation", "multitask"])
+@pytest.mark.parametrize("name", ["classification", "segmentation", "multitask", "demo"])
 def test_ready_sweep_files_validate(name):
     sweep = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml", check_data=False)
     assert sweep.spec.metric.startswith("val/")
-    assert (
-        sweep.config.cluster.use_gpu and sweep.max_evaluations() > sweep.spec.scheduler.grace_period
-    )
-    assert all(math.isfinite(sweep.max_evaluations()) for _ in [0])
+    assert sweep.max_evaluations() > sweep.spec.scheduler.grace_period
+    assert sweep.config.cluster.use_gpu == (name != "demo")

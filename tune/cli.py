@@ -22,6 +22,7 @@ import time
 import ray
 import yaml
 from ray import tune
+from ray.tune.search import Searcher
 
 from bigmodel.config import ConfigError
 from launch import _ray_config
@@ -47,6 +48,7 @@ def _trainable(sweep: Sweep):
 
 def _tuner(sweep: Sweep, max_concurrent: int) -> tune.Tuner:
     spec = sweep.spec
+    searcher = make_searcher(sweep, max_concurrent)
     return tune.Tuner(
         _trainable(sweep),
         param_space=param_space(sweep),
@@ -54,10 +56,15 @@ def _tuner(sweep: Sweep, max_concurrent: int) -> tune.Tuner:
             metric=spec.metric,
             mode=spec.mode,
             num_samples=spec.num_samples,
-            search_alg=make_searcher(sweep, max_concurrent),
+            search_alg=searcher,
             scheduler=make_scheduler(sweep),
-            max_concurrent_trials=max_concurrent,
+            # Tune wraps a Searcher (Optuna) in a concurrency limiter; the variant generator of
+            # random/grid search got the limit itself (make_searcher).
+            max_concurrent_trials=max_concurrent if isinstance(searcher, Searcher) else None,
             trial_dirname_creator=trial_dirname,
+            # No actor reuse: Tune would keep a stopped trial's process (and so its Ray Train
+            # workers, which it owns) alive in its cache until another trial takes it over.
+            reuse_actors=False,
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,

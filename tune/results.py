@@ -29,7 +29,7 @@ class TrialRow:
     """One trial as the reports show it."""
 
     number: int
-    """Order of creation (the suffix of Tune's trial id)."""
+    """Order of creation, from 0."""
     trial_id: str
     values: dict[str, Any]
     """The searched values, by dotted key."""
@@ -48,17 +48,14 @@ class TrialRow:
     """(step, metric) of every evaluation."""
 
 
-def _number(trial_id: str) -> int:
-    tail = trial_id.rpartition("_")[2]
-    return int(tail) if tail.isdigit() else 0
-
-
 def collect(grid: ResultGrid, sweep: Sweep) -> list[TrialRow]:
     """One row per trial, in creation order."""
     metric = sweep.spec.metric
     scheduler = sweep.spec.scheduler.type
     rows = []
-    for result in grid:
+    # The grid lists trials in the order Tune created them (ids of model-based searchers such
+    # as Optuna's carry no counter).
+    for number, result in enumerate(grid):
         trial_id = Path(result.path).name
         last = result.metrics or {}
         frame = result.metrics_dataframe
@@ -81,7 +78,7 @@ def collect(grid: ResultGrid, sweep: Sweep) -> list[TrialRow]:
         config = result.config or {}
         rows.append(
             TrialRow(
-                number=_number(trial_id),
+                number=number,
                 trial_id=trial_id,
                 values={k: config.get(k) for k in sweep.spec.space},
                 metric=value,
@@ -178,6 +175,7 @@ def plot(rows: list[TrialRow], sweep: Sweep, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     folder.mkdir(parents=True, exist_ok=True)
     metric, mode = sweep.spec.metric, sweep.spec.mode
@@ -214,6 +212,7 @@ def plot(rows: list[TrialRow], sweep: Sweep, folder: Path) -> list[Path]:
     ax.scatter(numbers, values, c=colors, label="trial (red: stopped early)")
     ax.step(numbers, running, where="post", color="black", label="best so far")
     ax.set_xlabel("trial number")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.set_title(f"{sweep.spec.name}: best so far ({mode})")
     ax.legend(fontsize=7)
@@ -221,7 +220,7 @@ def plot(rows: list[TrialRow], sweep: Sweep, folder: Path) -> list[Path]:
 
     # 3. one panel per searched parameter: value against metric (log axis for log spaces)
     keys = list(sweep.spec.space)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(6.0, 4.5 * len(keys)), 4), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         raw = [r.values[key] for r in rows]
         numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw)
@@ -236,7 +235,7 @@ def plot(rows: list[TrialRow], sweep: Sweep, folder: Path) -> list[Path]:
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
-    fig.suptitle(f"{sweep.spec.name}: {metric} by searched value (red: stopped early)")
+    fig.suptitle(f"{sweep.spec.name}: {metric} by searched value (red: stopped early)", fontsize=10)
     paths.append(_save(fig, folder / "parameters.png", plt))
     return paths
 
