@@ -219,10 +219,13 @@ def run_fit(
     poison: set[tuple[int, int]] | None = None,
     eval_total: int = 0,
     norm: str = "batch",
+    eval_share: tuple[int, int] | None = None,
 ) -> tuple[dict[str, float], LocalSession]:
     """Build the tiny model (seeded) and run the engine's ``fit`` on it.
 
     ``batches`` counts micro-batches per epoch (``optim.accumulation_steps`` per optimizer step).
+    ``eval_share`` = (rank, world size) whose evaluation share this rank takes (default its own):
+    the tests of the exactly-once check hand two ranks the same share.
     """
     from bigmodel.engine import fit
     from bigmodel.metrics import build_metrics
@@ -242,7 +245,7 @@ def run_fit(
     evaluation = None
     metrics = None
     if eval_total:
-        evaluation = EvalShare(eval_total, 3, rank, world_size)
+        evaluation = EvalShare(eval_total, 3, *(eval_share or (rank, world_size)))
         metrics = build_metrics(cfg.model)
     figures = fit(cfg, session, model, loader, evaluation, metrics)
     return figures, session

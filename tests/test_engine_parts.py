@@ -295,3 +295,31 @@ def test_resume_after_crash_logs_each_step_once(tmp_path: Path):
     assert len(after) == len(set(after)), "a step was logged twice"
     assert {s for s, _ in after} == {"1", "2", "3", "4"}
     assert sorted(after) == sorted(k for k in before if not k[1].startswith("time/"))
+
+
+def test_epoch_shorter_than_one_step_is_refused(tmp_path: Path):
+    cfg = _cfg(tmp_path, optim={"accumulation_steps": 4})
+    with pytest.raises(ValueError, match="yields 3 batches per epoch, fewer than .*=4"):
+        run_fit(cfg, 0, 1, batches=3)
+
+
+def test_missing_evaluation_sample_is_refused(tmp_path: Path, monkeypatch):
+    """The loader claims one sample more than it yields (an unreadable shard)."""
+    import _engine_tiny
+
+    class Short(_engine_tiny.EvalShare):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.num_samples += 1
+
+    monkeypatch.setattr(_engine_tiny, "EvalShare", Short)
+    cfg = _cfg(tmp_path, train={"eval_every": 1})
+    with pytest.raises(RuntimeError, match="saw 5 samples but the manifest lists 6"):
+        run_fit(cfg, 0, 1, batches=2, eval_total=5)
+
+
+def test_checkpoint_from_another_strategy_is_refused(tmp_path: Path):
+    _, session = run_fit(_cfg(tmp_path), 0, 1, batches=2)
+    cfg = _cfg(tmp_path, distributed={"strategy": "deepspeed", "zero_stage": 1})
+    with pytest.raises(ValueError, match="written by strategy 'ddp'.*distributed.strategy=ddp"):
+        run_fit(cfg, 0, 1, batches=2, resume_from=session.checkpoints[-1])

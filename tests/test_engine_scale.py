@@ -21,6 +21,7 @@ normalises each micro-batch by its own statistics. Every 2-worker run is in ONE 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -102,6 +103,23 @@ def _workers(rank: int, world_size: int, port: int, tmp_str: str) -> None:
             _run(Path(tmp_str), name, rank)
     cfg = _config(Path(tmp_str), "ddp", sync_bn=False).model_copy(update={"name": LOCAL_BN})
     run_fit(cfg, rank, world_size, STEPS)
+    # the engine's own checks must fire: record what each one raised
+    errors = {}
+    checks = {
+        # rank 1's loader yields one batch more: DDP would hang at the extra step
+        "unequal-steps": dict(batches=STEPS + rank),
+        # both ranks evaluate rank 0's share: every sample seen twice
+        "duplicate-eval": dict(batches=1, eval_total=6, eval_share=(0, world_size)),
+    }
+    for name, kwargs in checks.items():
+        cfg = _config(Path(tmp_str), "ddp", eval_every=1).model_copy(update={"name": name})
+        try:
+            run_fit(cfg, rank, world_size, **kwargs)
+            errors[name] = None
+        except RuntimeError as err:
+            errors[name] = str(err)
+    if rank == 0:
+        (Path(tmp_str) / "errors.json").write_text(json.dumps(errors))
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +204,13 @@ def test_batchnorm_statistics_are_averaged_across_ranks_without_syncbn(runs: Pat
     saved = torch.load(step_1, map_location="cpu", weights_only=False)["model"]
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(saved["features.1.running_mean"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_ranks_with_unequal_step_counts_are_refused(runs: Path):
+    error = json.loads((runs / "errors.json").read_text())["unequal-steps"]
+    assert error and "between 3 and 4 batches per epoch" in error
+
+
+def test_a_sample_evaluated_on_two_ranks_is_refused(runs: Path):
+    error = json.loads((runs / "errors.json").read_text())["duplicate-eval"]
+    assert error and "saw 3 sample(s) more than once across ranks" in error
