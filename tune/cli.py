@@ -185,9 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     print(summary)
     print(f"bigmodel-tune: sweep {sweep.spec.name!r} took {time.perf_counter() - start:.1f} s")
-    # Tune turns Ctrl-C into a clean stop and returns; the trials it cut are neither
-    # terminated nor errored.
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    # Tune turns Ctrl-C into a clean stop and returns; the trials it cut never reported done.
+    unfinished = sum(r.status == "interrupted" for r in rows)
     if unfinished:
         print(
             f"bigmodel-tune: interrupted with {unfinished} trial(s) unfinished; continue with: "

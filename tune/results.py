@@ -8,6 +8,7 @@ including those that ran before the interruption.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -40,12 +41,21 @@ class TrialRow:
     evaluations: int
     """Reports carrying the metric (the schedulers' clock)."""
     status: str
-    """``completed``, ``stopped`` (by the scheduler) or ``failed``."""
+    """``completed``, ``stopped`` (by the scheduler), ``failed`` or ``interrupted``."""
     why: str
     """Why it stopped, in words."""
     run_dir: Path
     history: list[tuple[int, float]] = field(default_factory=list)
     """(step, metric) of every evaluation."""
+
+
+def _params(trial_dir: Path) -> dict[str, Any]:
+    """A trial's sampled values from Tune's ``params.json`` (a trial with no result has no
+    config in the result grid)."""
+    try:
+        return json.loads((trial_dir / "params.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def collect(grid: ResultGrid, sweep: Sweep) -> list[TrialRow]:
@@ -69,13 +79,16 @@ def collect(grid: ResultGrid, sweep: Sweep) -> list[TrialRow]:
         evaluations = int(last.get("training_iteration", len(history)))
         if result.error is not None:
             lines = str(result.error).strip().splitlines() or [type(result.error).__name__]
-            status, why = "failed", f"failed: {lines[-1][:120]}"
+            named = [line for line in lines if "Error" in line.split(":", 1)[0]]  # "XError: ..."
+            status, why = "failed", f"failed: {(named or lines)[-1].strip()[:120]}"
         elif completed(run_dir):
             status, why = "completed", "completed"
+        elif not last.get("done"):  # Tune marks the last result of a stopped trial done
+            status, why = "interrupted", "interrupted (continue with --resume)"
         else:
             status = "stopped"
             why = f"stopped by {scheduler} after {evaluations} evaluation(s)"
-        config = result.config or {}
+        config = result.config or _params(Path(result.path))
         rows.append(
             TrialRow(
                 number=number,
