@@ -104,9 +104,10 @@ def run(cfg: Config, address: str | None = None) -> Result:
     if cfg.tracking.enabled:
         check_tracking(cfg)  # a down MLflow server fails here, before any Ray or GPU time
     started = connect(cfg, address)
-    route_ray_console(Path(cfg.train.output_dir) / cfg.name / "logs")  # bigmodel lines only
     try:
+        # refused runs leave no run folder behind: check before anything is written for it
         _ray_config.check_storage(cfg, ray.nodes())
+        route_ray_console(Path(cfg.train.output_dir) / cfg.name / "logs")  # bigmodel lines only
         return build_trainer(cfg).fit()
     finally:
         if started:
