@@ -68,6 +68,8 @@ class ItemResult:
     channels: int = 0
     sample_ndim: int = 0
     """3 for ``[C, H, W]`` samples, 4 for ``[C, D, H, W]``."""
+    sliced: bool = False
+    """The item was a volume cut into 2D/2.5D samples (a 2D image is its own sample)."""
     channel_names: list[str] = field(default_factory=list)
     encoding: str = "npy"
     label_counts: dict[str, list[int]] = field(default_factory=dict)
@@ -107,6 +109,7 @@ def _encode_item(item: SourceItem, vol: Volume, plan: SamplePlan) -> ItemResult:
     result = ItemResult(item.source_id, stats=ChannelStats(0), dtype=str(image.dtype))
     result.modality = str(meta.get("modality", "") or "").upper()
     sliced = image.ndim == 4 and plan.layout != "3d"
+    result.sliced = sliced
     policy = plan.slice_labels if sliced and item.cls is not None else "copy"
     if policy == "mask" and mask is None:
         policy = "volume"  # no mask to read slice labels from: keep the label at volume level

@@ -241,6 +241,10 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
             f"no samples written ({len(skipped)} of {len(items)} items skipped{first})",
             "fix the source; an empty dataset cannot be trained on",
         )
+    if "cls" in tasks_json and options.layout != "3d" and not state["image"].get("sliced"):
+        # No volume was cut into slices (image folders, CSV of PNGs, COCO, 2D npz): every sample
+        # is a whole source image and carries that image's own label.
+        tasks_json["cls"]["slice_labels"] = "copy"
     manifest = _manifest(reader, options, state, fingerprint, tasks_json, by_split, journals, stats)
     if folds:
         manifest["folds"] = _folds_record(folds, journals, options)
@@ -373,6 +377,9 @@ def _check_consistent(
         "sample_ndim": result.sample_ndim,
     }
     image = state["image"]
+    if result.sliced and not image.get("sliced"):  # the manifest's slice-label policy applies
+        image["sliced"] = True
+        atomic_write_json(out / STATE_DIR / "state.json", state)
     if result.modality and not image.get("modality"):  # the first item that names one
         image["modality"] = result.modality
         atomic_write_json(out / STATE_DIR / "state.json", state)

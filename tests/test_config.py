@@ -64,9 +64,15 @@ def test_lr_scaling_and_global_batch(tmp_path):
         ],
     )
     assert cfg.global_batch_size == 512
+    assert cfg.optim.lr_scaling == "auto"
+    cfg.optim.name = "adamw"  # auto: sqrt for adaptive optimizers, as timm does
+    assert cfg.scaled_lr() == pytest.approx(0.1 * 2**0.5)
+    cfg.optim.name = "sgd"  # auto: linear for SGD and LARS
     assert cfg.scaled_lr() == pytest.approx(0.2)
     cfg.optim.lr_scaling = "sqrt"
     assert cfg.scaled_lr() == pytest.approx(0.1 * 2**0.5)
+    cfg.optim.lr_scaling = "none"
+    assert cfg.scaled_lr() == pytest.approx(0.1)
 
 
 def test_save_roundtrip(tmp_path):

@@ -49,7 +49,6 @@ def shards(tmp_path_factory) -> Path:
             f"--input={root / 'src'}",
             f"--out={out}",
             r"--option=group_regex=^(?P<patient>pat\d+)_",
-            "--option=slice_labels=copy",  # 2D images: each image's label is its own
             "--split-ratios=0.7,0.1,0.2",
             f"--folds={K}",
             "--max-shard-samples=4",
@@ -96,7 +95,7 @@ def test_fold_build_is_reproducible(shards, tmp_path):
     again = tmp_path / "again"
     source = shards.parent / "src"
     argv = ["build", "--source=imagefolder", f"--input={source}", f"--out={again}"]
-    argv += [r"--option=group_regex=^(?P<patient>pat\d+)_", "--option=slice_labels=copy"]
+    argv += [r"--option=group_regex=^(?P<patient>pat\d+)_"]
     argv += ["--split-ratios=0.7,0.1,0.2"]
     argv += [f"--folds={K}", "--max-shard-samples=4", "--quiet"]
     assert shard_main(argv) == 0

@@ -105,3 +105,26 @@ def test_bad_input_errors(tmp_path):
     broken = next(it for it in reader.scan()[0] if it.paths["image"].endswith("broken.png"))
     with pytest.raises(SourceError, match="broken.png: unreadable image"):
         reader.load(broken)
+
+
+def test_default_build_keeps_each_images_label_and_trains(tmp_path):
+    """2D images are not slices of a volume: the default policy records their own labels, and a
+    classification config resolves against the manifest (it was refused as volume-level)."""
+    import json
+
+    from bigmodel.config import load_config
+    from bigmodel.data import load_manifest, resolve_config
+    from sharding.cli import main as shard_main
+
+    _digits_folder(tmp_path / "src")
+    out = tmp_path / "shards"
+    argv = ["build", "--source=imagefolder", f"--input={tmp_path / 'src'}", f"--out={out}"]
+    assert shard_main([*argv, "--split-ratios=0.5,0.25,0.25", "--quiet"]) == 0
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["tasks"]["cls"]["slice_labels"] == "copy"
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "classification.yaml",
+        [f"data.shards={out}", "model.backbone.name=test_resnet"],
+    )
+    resolved = resolve_config(cfg, load_manifest(out))
+    assert next(iter(resolved.model.heads.values())).num_classes == 3
