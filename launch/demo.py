@@ -29,7 +29,7 @@ from bigmodel.data import load_manifest
 from bigmodel.inference.evaluate import evaluate_model
 from bigmodel.inference.predict import Predictor
 from launch import train as train_cli
-from launch._demo_data import MASK_CLASSES, write_demo_source
+from launch._demo_data import DEMO_PATIENTS, MASK_CLASSES, write_demo_source
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -53,7 +53,11 @@ def _run(cmd: list[str]) -> None:
 
 def build_demo_shards(out: Path, world_size: int, loader_workers: int) -> Path:
     """Steps 1-2: write the source data, shard it, verify and inspect the shards."""
-    _banner(1, "source data: nibabel's anatomical.nii (real MR) + 24 generated MR-like patients")
+    _banner(
+        1,
+        f"source data: nibabel's anatomical.nii (real MR) + {DEMO_PATIENTS} generated "
+        "MR-like patients",
+    )
     csv_path = write_demo_source(out / "source")
     print(f"wrote {csv_path} and {len(list((out / 'source').glob('*.nii*')))} NIfTI files")
 
