@@ -216,3 +216,18 @@ def _stop_group(proc: subprocess.Popen) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     psutil.wait_procs(alive, timeout=10)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the Ray head must say so with ``@pytest.mark.ray``, so that
+    ``-m 'not ray'`` really runs without Ray; an unmarked one fails at collection."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "ray_head" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("ray") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests using the ray_head fixture need @pytest.mark.ray: " + ", ".join(unmarked)
+        )

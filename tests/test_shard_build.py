@@ -136,6 +136,7 @@ def test_splits_are_patient_disjoint_and_stats_sane(source, built):
     assert abs(stats["mean"][0] - all_ch0.mean()) < 0.1 * all_ch0.std()  # train subset of cases
 
 
+@pytest.mark.ray
 def test_same_command_same_bytes_sequential_pool_and_ray(source, built, tmp_path, ray_head):
     root, _ = source
     pooled = tmp_path / "pool"
