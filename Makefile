@@ -42,6 +42,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_shards.py
 	$(BIN)/python benchmarks/bench_engine.py
 	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python -m benchmarks.bench_e2e
+	$(BIN)/python benchmarks/bench_tune.py
+	$(BIN)/python benchmarks/bench_predict.py
 
 clean:
 	rm -rf demo_out runs .pytest_cache .ruff_cache

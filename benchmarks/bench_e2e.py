@@ -16,7 +16,7 @@ for evaluation and checkpoint cadence and loader workers; its breakdown comes fr
 ``metrics.csv`` (``time/*`` rows), ``workers/rank0.json`` and the process's wall time.
 
     python -m benchmarks.bench_e2e                  # default: 60 steps at 256 px (a few minutes)
-    python -m benchmarks.bench_e2e --steps 380      # the size of the issue's MRI run
+    python -m benchmarks.bench_e2e --steps 380      # a longer run (about 380 steps, as a real brain-MRI training)
     python -m benchmarks.bench_e2e --quick          # smoke run (64 px, 4 steps)
     python -m benchmarks.bench_e2e decoders         # U-Net vs light FPN: phantom Dice, step time
 """
