@@ -152,6 +152,7 @@ def test_best_yaml_trains_with_bigmodel_train_to_the_reported_figure(
     trials = _trials(sweep_dir)
     winner = max((t for t in trials if t["status"] == "completed"), key=lambda t: float(t[METRIC]))
     assert best["optim"]["lr"] == pytest.approx(float(winner["optim.lr"]))
+    assert best["tracking"]["tags"]["sweep"] == sweep_dir.name  # lineage names the sweep
     done = subprocess.run(
         ["bigmodel-train", str(sweep_dir / "best.yaml")],
         cwd=ROOT,

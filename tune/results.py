@@ -169,7 +169,9 @@ def write_best_yaml(best: TrialRow, sweep: Sweep, path: Path) -> None:
     it writes to the base config's ``train.output_dir`` under the name ``{sweep}-best``.
     """
     base_output = str(Path(sweep.config.train.output_dir).expanduser().resolve())
-    data = trial_config_dict(sweep.base, best.values, f"{sweep.spec.name}-best", base_output)
+    data = trial_config_dict(
+        sweep.base, best.values, f"{sweep.spec.name}-best", base_output, sweep.spec.name
+    )
     if data["data"]["shards"] and "://" not in data["data"]["shards"]:
         data["data"]["shards"] = str(Path(data["data"]["shards"]).expanduser().resolve())
     header = (

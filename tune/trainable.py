@@ -78,11 +78,17 @@ def run_dir_of(sweep_dir: Path, trial_id: str) -> Path:
 
 
 def trial_config_dict(
-    base: dict[str, Any], values: dict[str, Any], name: str, output_dir: str
+    base: dict[str, Any], values: dict[str, Any], name: str, output_dir: str, sweep_name: str
 ) -> dict[str, Any]:
-    """The training config of one trial: base + searched values, its own name and folder."""
+    """The training config of one trial: base + searched values, its own name and folder.
+
+    ``tracking.tags.sweep`` names the sweep, so an MLflow run (and a model registered from it)
+    records which sweep it came from when the base config has tracking on.
+    """
     data = with_values(base, values)
-    data = with_values(data, {"name": name, "train.output_dir": output_dir})
+    data = with_values(
+        data, {"name": name, "train.output_dir": output_dir, "tracking.tags.sweep": sweep_name}
+    )
     return config_from_dict(data, f"trial {name}").to_dict()
 
 
@@ -108,7 +114,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, m
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
     sweep = Path(sweep_dir)
-    data = trial_config_dict(base, params, run_name(trial_id), str(sweep / "trials"))
+    data = trial_config_dict(base, params, run_name(trial_id), str(sweep / "trials"), sweep.name)
     cfg = resolve_paths(config_from_dict(data, f"trial {trial_id}"))
     run_dir = Path(cfg.train.output_dir) / cfg.name
     if completed(run_dir):
