@@ -45,6 +45,7 @@ __all__ = [
     "TrainState",
     "checkpoint_dir",
     "consolidated_state_dict",
+    "files_for_rank",
     "full_state_dict",
     "is_complete",
     "load_checkpoint",
@@ -97,6 +98,26 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
     return removed
+
+
+def files_for_rank(meta: dict[str, Any], rank: int, world_size: int) -> list[str] | None:
+    """Glob patterns (relative to a checkpoint folder) of the files ``rank`` reads to resume.
+
+    Lets a runner on remote storage download only what this rank loads instead of every ZeRO
+    partition. ``None`` means every file (a resume that reshards the optimizer state needs all
+    partitions). ``meta`` is the checkpoint's ``meta.json``.
+    """
+    common = [META, "trainer.pt", f"rng/rank_{rank:05d}.pt"]
+    if meta["strategy"] != "deepspeed":
+        return [*common, "model.pt"]
+    if meta["world_size"] != world_size and meta["zero_stage"] > 0:
+        return None
+    own = f"{DS_TAG}/*zero_pp_rank_{rank}_mp_rank_*"  # this rank's partitions (any precision)
+    if meta["zero_stage"] == 3:
+        return [*common, own]
+    if meta["zero_stage"] == 0:
+        return [*common, f"{DS_TAG}/mp_rank_*_model_states.pt"]
+    return [*common, f"{DS_TAG}/mp_rank_*_model_states.pt", own]
 
 
 def _barrier() -> None:
