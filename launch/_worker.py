@@ -22,6 +22,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
 from ray.train import UserCallback
 
 from bigmodel.config import Config, ConfigError, config_from_dict
@@ -54,6 +56,7 @@ def write_worker_file(cfg: Config, session: Session, **extra: Any) -> Path:
         "world_size": session.world_size,
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),  # the Ray node (several per host)
         "started": _STARTED.setdefault(os.getpid(), time.time()),
         **extra,
     }
@@ -63,15 +66,20 @@ def write_worker_file(cfg: Config, session: Session, **extra: Any) -> Path:
     return path
 
 
-def _quiet_worker_logs() -> None:
-    """Keep each worker's console to our own progress lines.
+def quiet_worker_logs(level: int = logging.WARNING) -> list[str]:
+    """Keep each worker's console to our own progress lines; returns the loggers quieted.
 
-    Ray Train V2 logs every report (with all its metrics) at INFO from a logger named after its
-    source file, which ``LoggingConfig`` does not reach.
+    Ray Train V2 logs every report (with all its metrics) at INFO from loggers named after their
+    source file (``logging.getLogger(__file__)``, e.g. its worker context module).
+    ``LoggingConfig(log_level=...)`` only filters loggers named ``ray.train*``, and no public
+    API names these, so instead of importing Ray's private module this sets ``level`` on every
+    registered logger whose name is a file inside the installed ``ray.train`` package.
     """
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    package = os.path.dirname(ray.train.__file__) + os.sep
+    quieted = [name for name in logging.root.manager.loggerDict if name.startswith(package)]
+    for name in quieted:
+        logging.getLogger(name).setLevel(level)
+    return quieted
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -84,7 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # accelerator), which only the workers need; the driver just pickles this function.
     from bigmodel.engine import train
 
-    _quiet_worker_logs()
+    quiet_worker_logs()
     cfg = config_from_dict(loop_config["config"], source="bigmodel-train driver")
     session = RaySession()
     write_worker_file(cfg, session)
@@ -97,7 +105,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     except BaseException:
         _write_traceback(cfg, session.rank)
         raise
-    write_worker_file(cfg, session, finished=time.time())
+    # resumed_from: the checkpoint this attempt started from (None: from scratch)
+    write_worker_file(cfg, session, finished=time.time(), resumed_from=session.latest_checkpoint())
 
 
 # Errors a restart would repeat: the config or the data is wrong, not the machine.

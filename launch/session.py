@@ -3,12 +3,17 @@
 Rank and world size come from ``ray.train.get_context()``; metrics and checkpoint folders go to
 ``ray.train.report`` (called on every rank: in Ray Train V2 reporting is a barrier, and every
 rank's checkpoint files are merged into one folder in storage); the checkpoint to resume from is
-``ray.train.get_checkpoint()``, made available as a local folder.
+``ray.train.get_checkpoint()``, made available as a local folder: read in place on a local or
+shared mount, otherwise (s3://, gs://...) only the files this rank loads are downloaded
+(:func:`download_for_rank`).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import numbers
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,12 +87,62 @@ class RaySession:
         else:
             root = Path(self._download_root or tempfile.mkdtemp(prefix="bigmodel-resume-"))
             target = root / f"rank{self.rank}" / Path(checkpoint.path).name
-            self._resume_dir = checkpoint.to_directory(str(target))
+            self._resume_dir = str(
+                download_for_rank(checkpoint, target, self.rank, self.world_size)
+            )
         return self._resume_dir
 
 
 def _is_local(checkpoint: Checkpoint) -> bool:
     return isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
+
+
+def download_for_rank(checkpoint: Checkpoint, target: Path, rank: int, world_size: int) -> Path:
+    """Copy into ``target`` the files of ``checkpoint`` that ``rank`` loads to resume.
+
+    ``Checkpoint.to_directory`` would copy every rank's ZeRO partitions to every rank: with N
+    ranks that is N times the optimizer state over the network. The checkpoint's ``meta.json``
+    (read through its own pyarrow filesystem) says what it holds, and
+    :func:`bigmodel.engine.checkpoint.files_for_rank` which files this rank reads; everything is
+    copied when it says so (a ZeRO resume on another world size reshards from all partitions)
+    or when ``meta.json`` is missing (the engine then refuses the incomplete checkpoint).
+    Files land under a temporary name first, so ``target`` is complete or absent.
+    """
+    # Imported here: bigmodel.engine loads torch and DeepSpeed (seconds), which the driver
+    # importing this module does not need; only a worker resuming from remote storage gets here.
+    from bigmodel.engine.checkpoint import META, files_for_rank
+
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    try:
+        with fs.open_input_stream(f"{root}/{META}") as stream:
+            meta = json.loads(stream.read())
+        patterns = files_for_rank(meta, rank, world_size)
+    except FileNotFoundError:
+        patterns = None
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for relative in checkpoint_files(fs, root):
+        if patterns is None or any(fnmatch.fnmatchcase(relative, p) for p in patterns):
+            (partial / relative).parent.mkdir(parents=True, exist_ok=True)
+            pyarrow.fs.copy_files(
+                f"{root}/{relative}",
+                str(partial / relative),
+                source_filesystem=fs,
+                destination_filesystem=pyarrow.fs.LocalFileSystem(),
+            )
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def checkpoint_files(fs: pyarrow.fs.FileSystem, root: str) -> list[str]:
+    """Paths (relative to ``root``, ``/``-separated) of every file under ``root`` on ``fs``."""
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    prefix = root + "/"
+    return sorted(
+        info.path.removeprefix(prefix) for info in infos if info.type == pyarrow.fs.FileType.File
+    )
 
 
 def plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
