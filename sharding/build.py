@@ -31,7 +31,7 @@ from sharding.splits import POOL, assign_folds, assign_splits
 STATE_DIR = ".bigmodel-shard"
 """Hidden folder inside the output holding the build state and per-split journals until done."""
 
-LAYOUTS = ("2d", "2.5d", "3d")
+LAYOUTS = fmt.LAYOUTS
 
 
 @dataclass
@@ -113,7 +113,11 @@ class _SplitState:
 
 
 def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> dict[str, Any]:
-    """Write ``reader``'s items as shards plus ``dataset.json`` into ``out_dir``; return the manifest."""
+    """Write ``reader``'s items as shards plus ``dataset.json`` into ``out_dir``.
+
+    Returns:
+        The manifest as written (``DatasetManifest.to_dict()``).
+    """
     options.validate()
     started = time.perf_counter()
     out = Path(out_dir)
@@ -247,7 +251,9 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
         tasks_json["cls"]["slice_labels"] = "copy"
     manifest = _manifest(reader, options, state, fingerprint, tasks_json, by_split, journals, stats)
     if folds:
-        manifest["folds"] = _folds_record(folds, journals, options)
+        manifest.folds = _folds_record(folds, journals, options)
+    manifest = manifest.to_dict()
+    fmt.DatasetManifest.from_dict(manifest, out / fmt.MANIFEST_NAME)  # held to the readers' checks
     atomic_write_json(out / fmt.MANIFEST_NAME, manifest)
     shutil.rmtree(state_dir, ignore_errors=True)
     seconds = time.perf_counter() - started
@@ -324,15 +330,15 @@ def _prepare_out_dir(out: Path, fingerprint: str) -> dict[str, Any] | None:
     fix = "choose a new --out, or delete the folder to rebuild there"
     if manifest_path.exists():
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError as err:
-            raise SourceError(str(manifest_path), f"unreadable manifest: {err}", fix) from None
-        if manifest.get("created_by", {}).get("fingerprint") == fingerprint:
-            return manifest
+            manifest = fmt.read_manifest(manifest_path)
+        except fmt.ManifestFormatError as err:
+            raise SourceError(str(manifest_path), err.problem, fix) from None
+        created = manifest.created_by or fmt.CreatedBy()
+        if created.fingerprint == fingerprint:
+            return manifest.to_dict()
         raise SourceError(
             str(out),
-            f"holds another dataset ({manifest.get('name')!r}, built by "
-            f"{manifest.get('created_by', {}).get('command', '?')!r})",
+            f"holds another dataset ({manifest.name!r}, built by {created.command or '?'!r})",
             fix,
         )
     if state_path.exists():
@@ -397,65 +403,77 @@ def _check_consistent(
             )
 
 
-def _manifest(reader, options, state, fingerprint, tasks_json, by_split, journals, stats):
+def _manifest(
+    reader, options, state, fingerprint, tasks_json, by_split, journals, stats
+) -> fmt.DatasetManifest:
+    """The ``dataset.json`` of a finished build (folds are added by the caller)."""
     splits, skipped = {}, []
     for split, items in by_split.items():
         journal = journals[split]
-        skipped.extend(journal.skipped)
+        skipped.extend(fmt.SkippedItem(**s) for s in journal.skipped)
         skipped_ids = {s["source_id"] for s in journal.skipped}
-        summary = stats[split].summary()
-        splits[split] = {
-            "num_samples": sum(s["num_samples"] for s in journal.shards),
-            "num_groups": len({it.group for it in items if it.source_id not in skipped_ids}),
-            "shards": journal.shards,
-            "label_counts": journal.label_counts,
-            "stats": summary,
-        }
+        splits[split] = fmt.SplitSpec(
+            num_samples=sum(s["num_samples"] for s in journal.shards),
+            num_groups=len({it.group for it in items if it.source_id not in skipped_ids}),
+            shards=[fmt.ShardSpec(**s) for s in journal.shards],
+            label_counts=journal.label_counts,
+            stats=_intensity_stats(stats[split].summary()),
+        )
     overall = stats["train"]
     if overall.count == 0:  # no train split: describe whatever was written
         for s in stats.values():
             overall.merge(s)
     image = dict(state["image"])
-    return {
-        "format_version": fmt.FORMAT_VERSION,
-        "name": options.name or Path(str(getattr(reader, "path", "dataset"))).name,
-        "created_by": {
-            "command": options.command or "sharding.build_shards(...)",
-            "version": __version__,
-            "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "fingerprint": fingerprint,
-        },
-        "source": {
-            "kind": getattr(reader, "kind", type(reader).__name__),
-            "path": str(getattr(reader, "path", "")),
-        },
-        "layout": options.layout,
-        "axis": options.axis,
-        "context": options.context if options.layout == "2.5d" else 0,
-        "patch": list(options.patch) if options.patch else None,
-        "split": {
-            "ratios": list(options.split_ratios),
-            "seed": options.seed,
-            "use_source_split": options.use_source_split,
-            "by": "patient (group)",
-        },
-        "image": {
-            "encoding": image.get("encoding", "npy"),
-            "dtype": image.get("dtype", ""),
-            "channels": image.get("channels", 0),
-            "channel_names": image.get("channel_names", []),
-            "modality": image.get("modality", ""),
-        },
-        "tasks": tasks_json,
-        "stats": overall.summary(),
-        "splits": splits,
-        "skipped": skipped,
-    }
+    source_path = str(getattr(reader, "path", ""))
+    return fmt.DatasetManifest(
+        format_version=fmt.FORMAT_VERSION,
+        name=options.name or Path(str(getattr(reader, "path", "dataset"))).name,
+        created_by=fmt.CreatedBy(
+            command=options.command or "sharding.build_shards(...)",
+            version=__version__,
+            time=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            fingerprint=fingerprint,
+        ),
+        source=fmt.SourceInfo(
+            kind=getattr(reader, "kind", type(reader).__name__), path=source_path
+        ),
+        layout=options.layout,
+        axis=options.axis,
+        context=options.context if options.layout == "2.5d" else 0,
+        patch=list(options.patch) if options.patch else None,
+        split=fmt.SplitPolicy(
+            ratios=list(options.split_ratios),
+            seed=options.seed,
+            use_source_split=options.use_source_split,
+            by="patient (group)",
+        ),
+        image=fmt.ImageSpec(
+            encoding=image.get("encoding", "npy"),
+            dtype=image.get("dtype", ""),
+            channels=image.get("channels", 0),
+            channel_names=image.get("channel_names", []),
+            modality=image.get("modality", ""),
+        ),
+        tasks={name: fmt.TaskSpec(**spec) for name, spec in tasks_json.items()},
+        stats=_intensity_stats(overall.summary()),
+        splits=splits,
+        skipped=skipped,
+    )
+
+
+def _intensity_stats(summary: dict[str, Any]) -> fmt.IntensityStats:
+    """``ChannelStats.summary()`` as the schema's type (empty for a split with no samples)."""
+    size, foreground = summary.pop("image_size", None), summary.pop("foreground", None)
+    return fmt.IntensityStats(
+        **summary,
+        image_size=fmt.ImageSize(**size) if size else None,
+        foreground=_intensity_stats(foreground) if foreground else None,
+    )
 
 
 def _folds_record(
     folds: dict[str, int], journals: dict[str, _SplitState], options: BuildOptions
-) -> dict[str, Any]:
+) -> fmt.FoldsSpec:
     """``dataset.json["folds"]``: which patient is in which fold, and each fold's size.
 
     Every shard of the pool splits also carries its ``fold``; ``bigmodel/data`` builds fold i's
@@ -466,15 +484,15 @@ def _folds_record(
     for split in POOL:
         for shard in journals[split].shards:
             samples[shard["fold"]] += shard["num_samples"]
-    return {
-        "k": k,
-        "seed": options.seed,
-        "pool": list(POOL),
-        "by": "patient (group)",
-        "num_groups": [sum(1 for f in folds.values() if f == i) for i in range(k)],
-        "num_samples": samples,
-        "groups": dict(sorted(folds.items())),
-    }
+    return fmt.FoldsSpec(
+        k=k,
+        seed=options.seed,
+        pool=list(POOL),
+        by="patient (group)",
+        num_groups=[sum(1 for f in folds.values() if f == i) for i in range(k)],
+        num_samples=samples,
+        groups=dict(sorted(folds.items())),
+    )
 
 
 def _log(options: BuildOptions, message: str) -> None:

@@ -15,11 +15,12 @@ import sys
 from collections.abc import Sequence
 
 from sharding.build import LAYOUTS, BuildOptions, build_shards
+from sharding.format import read_manifest
 from sharding.inspection import save_grid, save_histograms, summary_table
 from sharding.readers import READERS
 from sharding.records import SourceError
 from sharding.splits import parse_ratios
-from sharding.verify import load_manifest, verify_shards
+from sharding.verify import verify_shards
 
 _UNITS = {
     "": 1,
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = verify_shards(args.dir, args.world_size, args.loader_workers)
             print(report.format())
             return 0 if report.ok else 1
-        print(summary_table(load_manifest(args.dir)))
+        print(summary_table(read_manifest(args.dir)))
         if args.show:
             print(f"wrote {save_grid(args.dir, args.show, args.out)}")
         if args.histogram:

@@ -19,61 +19,61 @@ import numpy as np
 
 from sharding import format as fmt
 from sharding.records import SourceError
-from sharding.verify import _samples, load_manifest
+from sharding.verify import _samples
 
 
-def summary_table(manifest: dict[str, Any]) -> str:
+def summary_table(manifest: fmt.DatasetManifest) -> str:
     """Splits, samples, patients, shards, bytes, classes with counts, and intensity stats."""
-    img = manifest["image"]
-    created = manifest.get("created_by", {})
+    img = manifest.image
+    created = manifest.created_by or fmt.CreatedBy()
     lines = [
-        f"dataset {manifest.get('name', '?')!r}  format {manifest['format_version']}  layout "
-        f"{manifest.get('layout', '?')}  built by bigmodel-shard {created.get('version', '?')} "
-        f"at {created.get('time', '?')}",
-        f"image   {img.get('encoding')} {img.get('dtype')} x {img.get('channels')} channel(s) "
-        f"{img.get('channel_names', [])}",
+        f"dataset {manifest.name or '?'!r}  format {manifest.format_version}  layout "
+        f"{manifest.layout or '?'}  built by bigmodel-shard {created.version or '?'} "
+        f"at {created.time or '?'}",
+        f"image   {img.encoding} {img.dtype} x {img.channels} channel(s) {img.channel_names or []}",
         "",
         f"{'split':<7}{'samples':>10}{'patients':>10}{'shards':>8}{'MB':>10}",
     ]
     totals = [0, 0, 0, 0]
-    for split, info in manifest["splits"].items():
-        size = sum(s.get("bytes", 0) for s in info["shards"])
-        row = [info["num_samples"], info.get("num_groups", 0), len(info["shards"]), size]
+    for split, info in manifest.splits.items():
+        size = sum(s.bytes or 0 for s in info.shards)
+        row = [info.total, info.num_groups or 0, len(info.shards), size]
         totals = [a + b for a, b in zip(totals, row, strict=True)]
         lines.append(f"{split:<7}{row[0]:>10}{row[1]:>10}{row[2]:>8}{row[3] / 1e6:>10.2f}")
     lines.append(
         f"{'total':<7}{totals[0]:>10}{totals[1]:>10}{totals[2]:>8}{totals[3] / 1e6:>10.2f}"
     )
-    for task, spec in manifest["tasks"].items():
+    for task, spec in manifest.tasks.items():
         unit = {"cls": "samples", "mask": "pixels", "boxes": "boxes"}.get(task, "")
-        kind = f" ({spec['type']})" if "type" in spec else ""
+        kind = f" ({spec.type})" if spec.type else ""
         lines += ["", f"task {task}{kind}: counts in {unit}"]
-        header = "".join(f"{s:>12}" for s in manifest["splits"])
+        header = "".join(f"{s:>12}" for s in manifest.splits)
         lines.append(f"  {'class':<20}{header}")
-        for i, name in enumerate(spec["classes"]):
+        for i, name in enumerate(spec.classes):
             cells = ""
-            for info in manifest["splits"].values():
-                counts = info.get("label_counts", {}).get(task)
+            for info in manifest.splits.values():
+                counts = (info.label_counts or {}).get(task)
                 cells += f"{counts[i] if counts else 0:>12}"
             lines.append(f"  {str(name)[:20]:<20}{cells}")
-    stats = manifest.get("stats") or {}
-    if stats.get("mean"):
-        lines += ["", f"stats ({stats.get('percentiles_from', '')})"]
+    stats = manifest.stats or fmt.IntensityStats()
+    if stats.mean:
+        lines += ["", f"stats ({stats.percentiles_from or ''})"]
         lines.append(f"  {'channel':<14}{'mean':>11}{'std':>11}{'p0.5':>11}{'p99.5':>11}")
-        names = img.get("channel_names") or [f"ch{i}" for i in range(len(stats["mean"]))]
+        names = img.channel_names or [f"ch{i}" for i in range(len(stats.mean))]
+        columns = (stats.mean, stats.std, stats.p0_5, stats.p99_5)
         for i, name in enumerate(names):
-            values = [stats[k][i] for k in ("mean", "std", "p0_5", "p99_5")]
+            values = [column[i] if column else float("nan") for column in columns]
             lines.append(f"  {str(name)[:14]:<14}" + "".join(f"{v:>11.4g}" for v in values))
-    skipped = manifest.get("skipped", [])
+    skipped = manifest.skipped or []
     if skipped:
         lines += ["", f"skipped {len(skipped)} item(s):"]
-        lines += [f"  {s['file']}: {s['reason']}" for s in skipped[:10]]
+        lines += [f"  {s.file}: {s.reason}" for s in skipped[:10]]
     return "\n".join(lines)
 
 
-def pick_samples(root: Path, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]:
+def pick_samples(root: Path, manifest: fmt.DatasetManifest, n: int) -> list[dict[str, Any]]:
     """About ``n`` samples spread over the shards of every split (patients differ by shard)."""
-    shards = [s for info in manifest["splits"].values() for s in info["shards"]]
+    shards = [s for info in manifest.splits.values() for s in info.shards]
     if not shards or n <= 0:
         return []
     count = min(n, len(shards))
@@ -81,8 +81,8 @@ def pick_samples(root: Path, manifest: dict[str, Any], n: int) -> list[dict[str,
     picked: list[dict[str, Any]] = []
     for i, shard in enumerate(chosen):
         want = -(-(n - len(picked)) // (count - i))  # what is left, shared by the shards left
-        step = max(1, shard["num_samples"] // max(want, 1))
-        for j, (key, members) in enumerate(_samples(root / shard["name"])):
+        step = max(1, shard.num_samples // max(want, 1))
+        for j, (key, members) in enumerate(_samples(root / shard.name)):
             if j % step == 0 and want > 0:
                 picked.append({"__key__": key, **members})
                 want -= 1
@@ -98,7 +98,7 @@ def save_grid(root: str | Path, n: int, out: str | Path) -> Path:
     from matplotlib.patches import Rectangle
 
     root, out = Path(root), Path(out)
-    manifest = load_manifest(root)
+    manifest = fmt.read_manifest(root)
     samples = pick_samples(root, manifest, n)
     cols = min(4, max(1, len(samples)))
     rows = max(1, -(-len(samples) // cols))
@@ -114,13 +114,13 @@ def save_grid(root: str | Path, n: int, out: str | Path) -> Path:
         title = sample["__key__"][-24:]
         if fmt.BOXES in sample:
             boxes = json.loads(sample[fmt.BOXES])
-            names = manifest["tasks"].get("boxes", {}).get("classes", [])
+            names = manifest.tasks["boxes"].classes if "boxes" in manifest.tasks else []
             for (x1, y1, x2, y2), label in zip(boxes["boxes"], boxes["labels"], strict=True):
                 ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow"))
                 if label < len(names):
                     ax.text(x1, y1, names[label], color="yellow", fontsize=7, va="bottom")
         if fmt.CLS in sample:
-            names = manifest["tasks"]["cls"]["classes"]
+            names = manifest.tasks["cls"].classes
             title += f"\n{names[int(sample[fmt.CLS].decode())]}"
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
@@ -131,7 +131,7 @@ def save_grid(root: str | Path, n: int, out: str | Path) -> Path:
     return out
 
 
-def _display_arrays(sample: dict[str, Any], manifest: dict[str, Any]):
+def _display_arrays(sample: dict[str, Any], manifest: fmt.DatasetManifest):
     """A 2D (or RGB) view of the sample: the centre channel of a 2.5D stack, the middle slice of
     a 3D volume, windowed by the manifest's 0.5/99.5 percentiles; plus the matching mask view."""
     from PIL import Image
@@ -144,15 +144,15 @@ def _display_arrays(sample: dict[str, Any], manifest: dict[str, Any]):
     if fmt.IMAGE_PNG in sample:
         return np.asarray(Image.open(io.BytesIO(sample[fmt.IMAGE_PNG]))), mask
     image = np.load(io.BytesIO(sample[fmt.IMAGE_NPY]), allow_pickle=False)
-    channel = int(manifest.get("context") or 0)  # centre of the first channel's 2.5D stack
+    channel = manifest.context or 0  # centre of the first channel's 2.5D stack
     plane = image[min(channel, image.shape[0] - 1)]
     if plane.ndim == 3:  # 3D: the middle slice
         plane = plane[plane.shape[0] // 2]
         mask = None if mask is None else mask[mask.shape[0] // 2]
-    stats = manifest.get("stats") or {}
+    stats = manifest.stats or fmt.IntensityStats()
     lo, hi = float(plane.min()), float(plane.max())
-    if stats.get("p0_5") and channel < len(stats["p0_5"]):
-        lo, hi = stats["p0_5"][channel], stats["p99_5"][channel]
+    if stats.p0_5 and stats.p99_5 and channel < len(stats.p0_5):
+        lo, hi = stats.p0_5[channel], stats.p99_5[channel]
     plane = np.clip((plane.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
     return plane, mask
 
@@ -197,7 +197,8 @@ def save_histograms(root: str | Path, n: int, out: str | Path, scheme: str = "au
     import matplotlib.pyplot as plt
 
     root, out = Path(root), Path(out)
-    manifest = load_manifest(root)
+    manifest = fmt.read_manifest(root)
+    as_json = manifest.to_dict()
     raw, done = [], []
     for sample in pick_samples(root, manifest, n):
         if fmt.IMAGE_NPY in sample:
@@ -209,11 +210,11 @@ def save_histograms(root: str | Path, n: int, out: str | Path, scheme: str = "au
             image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
         meta = json.loads(sample.get(fmt.META, b"{}"))
         raw.append(image[0].ravel())
-        done.append(preview_intensity(image[0].ravel(), scheme, manifest, meta.get("window")))
+        done.append(preview_intensity(image[0].ravel(), scheme, as_json, meta.get("window")))
     if not raw:
         raise SourceError(str(root), "has no samples to draw", "build the shards first")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    modality = (manifest.get("image") or {}).get("modality") or "modality unknown"
+    modality = manifest.image.modality or "modality unknown"
     for ax, values, title in (
         (axes[0], np.concatenate(raw), f"raw ({modality})"),
         (axes[1], np.concatenate(done), f"after data.intensity={scheme}"),

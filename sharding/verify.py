@@ -19,32 +19,20 @@ import numpy as np
 
 from sharding import format as fmt
 from sharding._writer import sha256_file
-from sharding.records import SourceError
-
-_REQUIRED = ("format_version", "image", "tasks", "splits")
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
-    """Read ``root/dataset.json``; :class:`SourceError` naming the file when missing or broken."""
+    """Read ``root/dataset.json`` and check it against the schema; return the parsed JSON.
+
+    Raises:
+        ManifestFormatError: (a :class:`SourceError`) the file is missing, not JSON, or a field
+            does not fit ``sharding.format.DatasetManifest``; the message is the one
+            ``bigmodel.data.load_manifest`` gives.
+    """
     path = Path(root) / fmt.MANIFEST_NAME
-    if not path.is_file():
-        raise SourceError(
-            str(path), "not found", "build the folder with bigmodel-shard build first"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise SourceError(str(path), f"not valid JSON: {err}", "rebuild the shards") from None
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise SourceError(str(path), f"missing field(s) {missing}", "rebuild the shards")
-    if manifest["format_version"] != fmt.FORMAT_VERSION:
-        raise SourceError(
-            str(path),
-            f"format_version {manifest['format_version']} is not {fmt.FORMAT_VERSION}",
-            "rebuild the shards with this version of bigmodel-shard",
-        )
-    return manifest
+    raw = fmt.read_manifest_json(path)
+    fmt.DatasetManifest.from_dict(raw, path)
+    return raw
 
 
 def shards_needed(world_size: int, loader_workers: int) -> int:
@@ -82,27 +70,28 @@ class VerifyReport:
 def verify_shards(root: str | Path, world_size: int = 1, loader_workers: int = 0) -> VerifyReport:
     """Check every shard of ``root`` against its manifest; see the module docstring."""
     root = Path(root)
-    manifest = load_manifest(root)
+    raw = load_manifest(root)
+    manifest = fmt.DatasetManifest.from_dict(raw, root / fmt.MANIFEST_NAME)
     report = VerifyReport(str(root))
     keys: set[str] = set()
     groups_by_split: dict[str, set[str]] = {}
     listed: set[str] = set()
     needed = shards_needed(world_size, loader_workers)
-    for split, info in manifest["splits"].items():
+    for split, info in manifest.splits.items():
         groups: set[str] = set()
         decoded = 0
-        for shard in info.get("shards", []):
-            listed.add(shard["name"])
-            decoded += _check_shard(root, shard, manifest, keys, groups, report)
+        for shard in info.shards:
+            listed.add(shard.name)
+            decoded += _check_shard(root, shard, raw, keys, groups, report)
         groups_by_split[split] = groups
         report.splits[split] = {
-            "shards": len(info["shards"]),
+            "shards": len(info.shards),
             "samples": decoded,
             "groups": len(groups),
         }
-        if decoded != info.get("num_samples", decoded):
+        if decoded != info.total:
             report.errors.append(
-                f"{split}: manifest says {info['num_samples']} samples, shards hold {decoded}"
+                f"{split}: manifest says {info.total} samples, shards hold {decoded}"
             )
         _check_shard_count(split, info, needed, world_size, loader_workers, report)
     for path in sorted(root.glob("*.tar")):
@@ -114,8 +103,10 @@ def verify_shards(root: str | Path, world_size: int = 1, loader_workers: int = 0
     return report
 
 
-def _check_shard_count(split, info, needed, world_size, loader_workers, report) -> None:
-    count, samples = len(info.get("shards", [])), info.get("num_samples", 0)
+def _check_shard_count(
+    split: str, info: fmt.SplitSpec, needed: int, world_size, loader_workers, report
+) -> None:
+    count, samples = len(info.shards), info.total
     if samples == 0:
         report.warnings.append(f"{split}: empty split")
         return
@@ -145,39 +136,40 @@ def _check_disjoint(groups_by_split: dict[str, set[str]], report: VerifyReport) 
                 )
 
 
-def _check_shard(root: Path, shard: dict, manifest: dict, keys: set, groups: set, report) -> int:
+def _check_shard(
+    root: Path, shard: fmt.ShardSpec, manifest: dict, keys: set, groups: set, report
+) -> int:
     """Check one shard's size, hash and samples; return the number of samples decoded."""
-    path = root / shard["name"]
+    name = shard.name
+    path = root / name
     if not path.is_file():
-        report.errors.append(f"{shard['name']}: missing; rebuild the shards")
+        report.errors.append(f"{name}: missing; rebuild the shards")
         return 0
     size = path.stat().st_size
-    if size != shard.get("bytes", size):
-        report.errors.append(f"{shard['name']}: {size} bytes, manifest says {shard['bytes']}")
+    if shard.bytes is not None and size != shard.bytes:
+        report.errors.append(f"{name}: {size} bytes, manifest says {shard.bytes}")
     digest = sha256_file(path)
-    if digest != shard.get("sha256"):
+    if digest != shard.sha256:
         report.errors.append(
-            f"{shard['name']}: sha256 mismatch (manifest {str(shard.get('sha256'))[:12]}..., file "
+            f"{name}: sha256 mismatch (manifest {str(shard.sha256)[:12]}..., file "
             f"{digest[:12]}...): corrupt or modified; delete the folder and rerun the build command"
         )
     count = 0
     try:
         for key, members in _samples(path):
             if key in keys:
-                report.errors.append(f"{shard['name']}: duplicate sample key {key}")
+                report.errors.append(f"{name}: duplicate sample key {key}")
             keys.add(key)
             problem = _check_sample(members, manifest)
             if problem:
-                report.errors.append(f"{shard['name']}: sample {key}: {problem}")
+                report.errors.append(f"{name}: sample {key}: {problem}")
             if fmt.GROUP in members:
                 groups.add(members[fmt.GROUP].decode())
             count += 1
     except (tarfile.TarError, OSError, EOFError) as err:
-        report.errors.append(f"{shard['name']}: unreadable tar ({err}); rebuild the shards")
-    if count != shard.get("num_samples"):
-        report.errors.append(
-            f"{shard['name']}: {count} samples, manifest says {shard['num_samples']}"
-        )
+        report.errors.append(f"{name}: unreadable tar ({err}); rebuild the shards")
+    if count != shard.num_samples:
+        report.errors.append(f"{name}: {count} samples, manifest says {shard.num_samples}")
     return count
 
 
@@ -205,7 +197,11 @@ def _samples(path: Path):
 
 
 def _check_sample(members: dict[str, bytes], manifest: dict) -> str:
-    """Decode every member; return what is wrong (empty when the sample is fine)."""
+    """Decode every member; return what is wrong (empty when the sample is fine).
+
+    ``manifest`` is the parsed ``dataset.json`` (already checked against the schema by
+    :func:`verify_shards`); only its ``image`` and ``tasks`` are read.
+    """
     image_info, tasks = manifest["image"], manifest["tasks"]
     try:
         if fmt.IMAGE_NPY in members:

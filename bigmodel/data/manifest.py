@@ -5,18 +5,22 @@ classes exist, how many channels an image has, the intensity statistics used for
 and per split the shards with their sample counts (which fix the epoch length and the exactly-once
 evaluation bookkeeping). Reading it up front turns a missing, old or broken manifest into one
 error that names the file, instead of a crash deep inside a DataLoader worker.
+
+The schema itself, and every check of it, is ``sharding.format.DatasetManifest``: the writer,
+``bigmodel-shard verify`` and this reader share it, so a broken manifest gets the same message
+from each. :class:`Manifest` is the training side's view of it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bigmodel.config import Config, ConfigError
 from bigmodel.data.intensity import IntensitySpec, intensity_spec
-from sharding.format import FORMAT_VERSION, MANIFEST_NAME, TASK_MEMBERS
+from sharding import format as fmt
+from sharding.format import MANIFEST_NAME, TASK_MEMBERS
 
 __all__ = [
     "ImageInfo",
@@ -53,6 +57,9 @@ class SplitInfo:
     num_samples: int
     num_groups: int
     shards: tuple[ShardInfo, ...]
+    label_counts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Per task, per class: samples (``cls``), mask pixels (``mask``) or boxes (``boxes``);
+    empty for fold splits and manifests that record none."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,43 @@ class Manifest:
     num_folds: int = 0
     """Cross-validation folds (``bigmodel-shard build --folds K``); fold ``i`` is read as the
     splits ``fold{i}-train`` and ``fold{i}-val`` (:func:`fold_split_names`)."""
+    dataset: fmt.DatasetManifest | None = field(repr=False, default=None)
+    """The validated ``dataset.json`` this view was built from (the shared schema)."""
+
+    @classmethod
+    def from_dataset(
+        cls, root: Path, dataset: fmt.DatasetManifest, raw: dict[str, Any] | None = None
+    ) -> Manifest:
+        """The view of a validated manifest; ``raw`` is the parsed JSON it came from."""
+        stats = dataset.stats or fmt.IntensityStats()
+        splits = {name: _split_info(spec) for name, spec in dataset.splits.items()}
+        splits.update(_fold_splits(dataset))
+        return cls(
+            root=root,
+            format_version=dataset.format_version,
+            name=dataset.name if dataset.name is not None else root.name,
+            layout=dataset.layout or "2d",
+            image=ImageInfo(
+                encoding=dataset.image.encoding,
+                channels=dataset.image.channels,
+                dtype=dataset.image.dtype or "",
+                channel_names=tuple(dataset.image.channel_names or ()),
+            ),
+            tasks={
+                name: TaskInfo(
+                    classes=tuple(spec.classes),
+                    type=spec.type or ("multiclass" if name == "cls" else ""),
+                    slice_labels=spec.slice_labels or "copy",
+                )
+                for name, spec in dataset.tasks.items()
+            },
+            mean=tuple(float(v) for v in stats.mean) if stats.mean is not None else None,
+            std=tuple(float(v) for v in stats.std) if stats.std is not None else None,
+            splits=splits,
+            raw=raw if raw is not None else dataset.to_dict(),
+            num_folds=dataset.folds.k if dataset.folds is not None else 0,
+            dataset=dataset,
+        )
 
     @property
     def path(self) -> Path:
@@ -135,75 +179,17 @@ class Manifest:
         return [str(p) for p in paths]
 
 
-def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, path: Path):
-    if key not in data:
-        raise ManifestError(
-            f"{path}: field {where}{key} is missing; rebuild the shards with bigmodel-shard build"
-        )
-    value = data[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ManifestError(
-            f"{path}: field {where}{key} should be {getattr(kind, '__name__', kind)}, "
-            f"got {type(value).__name__}; rebuild the shards with bigmodel-shard build"
-        )
-    return value
+def _shard_info(shard: fmt.ShardSpec) -> ShardInfo:
+    return ShardInfo(shard.name, shard.num_samples, shard.bytes or 0, shard.sha256 or "")
 
 
-def _parse_tasks(raw: dict[str, Any], path: Path) -> dict[str, TaskInfo]:
-    tasks = {}
-    for name, spec in _require(raw, "tasks", dict, "", path).items():
-        if name not in TASK_MEMBERS:
-            raise ManifestError(
-                f"{path}: unknown task tasks.{name} (known: {sorted(TASK_MEMBERS)}); the "
-                f"shards were written by a newer or foreign builder"
-            )
-        if not isinstance(spec, dict):
-            raise ManifestError(f"{path}: tasks.{name} should be an object with 'classes'")
-        classes = _require(spec, "classes", list, f"tasks.{name}.", path)
-        if not classes:
-            raise ManifestError(f"{path}: tasks.{name}.classes is empty")
-        kind = spec.get("type", "multiclass" if name == "cls" else "")
-        if name == "cls" and kind not in ("multiclass", "multilabel"):
-            raise ManifestError(
-                f"{path}: tasks.cls.type is {kind!r}; allowed: 'multiclass', 'multilabel'"
-            )
-        tasks[name] = TaskInfo(
-            classes=tuple(str(c) for c in classes),
-            type=kind,
-            slice_labels=str(spec.get("slice_labels", "copy")),
-        )
-    return tasks
-
-
-def _parse_splits(raw: dict[str, Any], path: Path) -> dict[str, SplitInfo]:
-    splits = {}
-    for name, spec in _require(raw, "splits", dict, "", path).items():
-        where = f"splits.{name}."
-        shards = []
-        for i, shard in enumerate(_require(spec, "shards", list, where, path)):
-            if not isinstance(shard, dict):
-                raise ManifestError(f"{path}: {where}shards[{i}] should be an object")
-            shards.append(
-                ShardInfo(
-                    name=_require(shard, "name", str, f"{where}shards[{i}].", path),
-                    num_samples=_require(shard, "num_samples", int, f"{where}shards[{i}].", path),
-                    bytes=int(shard.get("bytes", 0)),
-                    sha256=str(shard.get("sha256", "")),
-                )
-            )
-        total = sum(s.num_samples for s in shards)
-        num_samples = int(spec.get("num_samples", total))
-        if num_samples != total:
-            raise ManifestError(
-                f"{path}: {where}num_samples is {num_samples} but its shards hold {total}; "
-                f"the manifest is inconsistent, run bigmodel-shard verify and rebuild"
-            )
-        splits[name] = SplitInfo(
-            num_samples=num_samples,
-            num_groups=int(spec.get("num_groups", 0)),
-            shards=tuple(shards),
-        )
-    return splits
+def _split_info(spec: fmt.SplitSpec) -> SplitInfo:
+    return SplitInfo(
+        num_samples=spec.total,
+        num_groups=spec.num_groups or 0,
+        shards=tuple(_shard_info(s) for s in spec.shards),
+        label_counts={task: tuple(row) for task, row in (spec.label_counts or {}).items()},
+    )
 
 
 def fold_split_names(fold: int) -> tuple[str, str]:
@@ -211,30 +197,20 @@ def fold_split_names(fold: int) -> tuple[str, str]:
     return f"fold{fold}-train", f"fold{fold}-val"
 
 
-def _fold_splits(
-    raw: dict[str, Any], splits: dict[str, SplitInfo], path: Path
-) -> dict[str, SplitInfo]:
+def _fold_splits(dataset: fmt.DatasetManifest) -> dict[str, SplitInfo]:
     """Fold ``i``'s splits from whole shards: validation = the pool's shards of fold ``i``,
     training = those of every other fold. The builder cuts shards at fold boundaries and
-    records each shard's fold, so exact sample counts (epoch length, exactly-once evaluation)
-    hold for folds as for ordinary splits."""
-    folds = raw.get("folds")
-    if not folds:
+    records each shard's fold (the schema checks every pool shard has one), so exact sample
+    counts (epoch length, exactly-once evaluation) hold for folds as for ordinary splits."""
+    folds = dataset.folds
+    if folds is None:
         return {}
-    k = _require(folds, "k", int, "folds.", path)
-    groups = list(folds.get("num_groups") or [0] * k)
+    k = folds.k
+    groups = folds.num_groups or [0] * k
     by_fold: list[list[ShardInfo]] = [[] for _ in range(k)]
-    for split in folds.get("pool", ["train", "val"]):
-        if split not in splits:
-            continue
-        for entry, shard in zip(raw["splits"][split]["shards"], splits[split].shards, strict=True):
-            fold = entry.get("fold")
-            if not isinstance(fold, int) or not 0 <= fold < k:
-                raise ManifestError(
-                    f"{path}: shard {shard.name} of split {split!r} has no fold in 0..{k - 1}; "
-                    f"rebuild the shards with bigmodel-shard build --folds {k}"
-                )
-            by_fold[fold].append(shard)
+    for split in folds.pool or ("train", "val"):
+        for shard in dataset.splits[split].shards if split in dataset.splits else ():
+            by_fold[shard.fold].append(_shard_info(shard))
     out = {}
     for i in range(k):
         train_name, val_name = fold_split_names(i)
@@ -249,11 +225,12 @@ def _fold_splits(
 
 
 def load_manifest(directory: str | Path) -> Manifest:
-    """Read and check ``directory/dataset.json``.
+    """Read ``directory/dataset.json`` and check it against ``sharding.format.DatasetManifest``.
 
     Raises:
-        ManifestError: the file is missing, not JSON, from another format version, or lacks a
-            field; the message names the file and how to fix it.
+        ManifestError: the file is missing, not JSON, from another format version, or a field
+            does not fit the schema; one line naming the file, the field and the fix (the same
+            message ``bigmodel-shard verify`` gives).
     """
     root = Path(directory).expanduser().resolve()
     path = root / MANIFEST_NAME
@@ -265,49 +242,11 @@ def load_manifest(directory: str | Path) -> Manifest:
             f"{path}: no shard manifest ({hint}, or build one with bigmodel-shard build)"
         )
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path}: not readable JSON ({err}); rebuild the shards") from None
-    if not isinstance(raw, dict):
-        raise ManifestError(f"{path}: top level should be a JSON object; rebuild the shards")
-    version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ManifestError(
-            f"{path}: format_version is {version!r} but this reader needs {FORMAT_VERSION}; "
-            f"rebuild the shards with this version's bigmodel-shard build"
-        )
-    image = _require(raw, "image", dict, "", path)
-    channels = _require(image, "channels", int, "image.", path)
-    if channels < 1:
-        raise ManifestError(f"{path}: image.channels is {channels}; it must be >= 1")
-    stats = raw.get("stats") or {}
-    mean, std = stats.get("mean"), stats.get("std")
-    for key, value in (("mean", mean), ("std", std)):
-        if value is not None and len(value) != channels:
-            raise ManifestError(
-                f"{path}: stats.{key} has {len(value)} values for {channels} channels; "
-                f"rebuild the shards"
-            )
-    splits = _parse_splits(raw, path)
-    splits.update(_fold_splits(raw, splits, path))
-    return Manifest(
-        root=root,
-        format_version=version,
-        name=str(raw.get("name", root.name)),
-        layout=str(raw.get("layout", "2d")),
-        image=ImageInfo(
-            encoding=_require(image, "encoding", str, "image.", path),
-            channels=channels,
-            dtype=str(image.get("dtype", "")),
-            channel_names=tuple(image.get("channel_names", ())),
-        ),
-        tasks=_parse_tasks(raw, path),
-        mean=tuple(float(v) for v in mean) if mean is not None else None,
-        std=tuple(float(v) for v in std) if std is not None else None,
-        splits=splits,
-        raw=raw,
-        num_folds=int((raw.get("folds") or {}).get("k", 0)),
-    )
+        raw = fmt.read_manifest_json(path)
+        dataset = fmt.DatasetManifest.from_dict(raw, path)
+    except fmt.ManifestFormatError as err:
+        raise ManifestError(str(err)) from None
+    return Manifest.from_dataset(root, dataset, raw)
 
 
 def _classes_for(head_name: str, target: str, manifest: Manifest, cfg: Config) -> int:
