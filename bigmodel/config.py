@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bigmodel.models.tasks import TASKS
+
 __all__ = [
     "AugmentConfig",
     "BackboneConfig",
@@ -39,6 +41,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_heads",
     "load_config",
 ]
 
@@ -458,6 +461,44 @@ class Config(_Strict):
 # loading
 
 
+def check_heads(model: ModelConfig, resolved: bool = False) -> None:
+    """Check every head against its entry in the task table; the error names the field.
+
+    Run when a config is loaded (target, class counts and per-class lists, where set) and again
+    when the model is built with ``resolved=True``: then a head that needs ``num_classes`` must
+    have it, filled from the dataset manifest by ``bigmodel.data.resolve_config``.
+
+    Raises:
+        ConfigError: the first head that cannot be built, naming ``model.heads.NAME.FIELD``.
+    """
+    for name, head in model.heads.items():
+        task, field = TASKS[head.type], f"model.heads.{name}"
+        if head.target not in task.targets:
+            raise ConfigError(
+                f"{field}.target={head.target!r} cannot train a {head.type} head; allowed: "
+                f"{', '.join(task.targets)}"
+            )
+        if resolved and head.num_classes is None and task.needs_classes(head):
+            raise ConfigError(
+                f"{field}.num_classes is not set: fill it from the dataset manifest with "
+                f"bigmodel.data.resolve_config(cfg, manifest) or set {field}.num_classes=N"
+            )
+        if head.num_classes is not None and head.num_classes < task.min_classes:
+            note = f" ({task.classes_note})" if task.classes_note else ""
+            raise ConfigError(
+                f"{field}.num_classes={head.num_classes}: a {head.type} head needs at least "
+                f"{task.min_classes}{note}"
+            )
+        for per_class in ("class_weights", "pos_weight"):
+            values = getattr(head, per_class, None)
+            known = isinstance(values, list) and head.num_classes is not None
+            if known and len(values) != head.num_classes:
+                raise ConfigError(
+                    f"{field}.{per_class} has {len(values)} entries for "
+                    f"num_classes={head.num_classes}: give one per class"
+                )
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
@@ -500,9 +541,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Validate a nested dict into a :class:`Config`; errors name the dotted field."""
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    try:
+        check_heads(cfg.model)
+    except ConfigError as err:
+        raise ConfigError(f"invalid config ({source}):\n  {err}") from None
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

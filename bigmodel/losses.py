@@ -6,6 +6,7 @@ batch holds no usable label (the multi-task model then adds ``0 * output.sum()``
 an exact zero gradient). Library losses are used wherever one exists: ``F.cross_entropy``
 (label smoothing, class weights, ignore index), torchvision's ``sigmoid_focal_loss``,
 pytorch-metric-learning's metric losses; detection losses are computed by torchvision's detectors.
+Which loss a head type gets is its entry in the task table (``bigmodel.models.tasks.TASKS``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from bigmodel.config import (
 )
 
 __all__ = [
-    "LOSSES",
     "METRIC_LOSSES",
     "ClassificationLoss",
     "DetectionLoss",
@@ -291,11 +291,3 @@ class DetectionLoss(nn.Module):
         if not loss_terms:
             return None
         return sum(loss_terms.values())
-
-
-LOSSES = {
-    "classification": ClassificationLoss,
-    "segmentation": SegmentationLoss,
-    "detection": DetectionLoss,
-    "retrieval": RetrievalLoss,
-}

@@ -50,7 +50,7 @@ def _check_backbone(cfg: Config) -> list[str]:
 def _check_data(cfg: Config) -> list[str]:
     """Shard folder, manifest, splits and their shard files, head targets in the manifest."""
     from bigmodel.data import ManifestError, load_manifest, resolve_config
-    from bigmodel.models.build import HEAD_TARGETS
+    from bigmodel.models.tasks import TASKS
 
     data = cfg.data
     if not data.shards:
@@ -78,10 +78,10 @@ def _check_data(cfg: Config) -> list[str]:
             fix = " (or set train.eval_every=0)" if split == data.val_split else ""
             found.append(_one_line(err) + fix)
     for name, head in cfg.model.heads.items():
-        if head.target not in HEAD_TARGETS[head.type]:
+        if head.target not in TASKS[head.type].targets:
             found.append(
                 f"model.heads.{name}.target={head.target!r} cannot train a {head.type} head; "
-                f"allowed: {', '.join(HEAD_TARGETS[head.type])}"
+                f"allowed: {', '.join(TASKS[head.type].targets)}"
             )
     if found:
         return found

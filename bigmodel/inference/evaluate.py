@@ -36,7 +36,7 @@ from bigmodel.inference.files import atomic_write, write_json
 from bigmodel.inference.forward import forward
 from bigmodel.inference.model_folder import LoadedModel, ModelFolderError, load_model
 from bigmodel.inference.preprocess import normalize
-from bigmodel.metrics import HEAD_METRICS, build_metrics
+from bigmodel.metrics import ClassificationMetrics, build_metrics
 
 __all__ = ["EvalError", "evaluate_model", "main"]
 
@@ -220,7 +220,7 @@ def _replicates(head, cfg, logits, target, has, patient, counts) -> dict[str, li
     figures: dict[str, list[float]] = {}
     for row in counts:
         index = torch.from_numpy(np.repeat(np.arange(len(patient)), row[patient]))
-        metric = HEAD_METRICS["classification"](head, cfg)
+        metric = ClassificationMetrics(head, cfg)
         metric.update(logits[index], {cfg.target: target[index], "has": {cfg.target: has[index]}})
         computed = metric.compute()
         for name in ("accuracy", "balanced_accuracy", "auroc"):

@@ -1,7 +1,7 @@
 """Evaluation metrics of a multi-task model, as one flat dict of named figures.
 
 ``build_metrics(model_cfg)`` gives a :class:`MetricSet` with one metric group per head, picked by
-the head's type from :data:`HEAD_METRICS`. Everything underneath is torchmetrics, so the figures
+the head's type from the task table (:data:`bigmodel.models.tasks.TASKS`). Everything underneath is torchmetrics, so the figures
 are synced across ranks when ``torch.distributed`` is initialised: ``compute()`` gathers the
 states of every rank (call it on all ranks) and every rank gets the same numbers.
 
@@ -32,9 +32,9 @@ from bigmodel.metrics._classification import ClassificationMetrics
 from bigmodel.metrics._detection import DetectionMetrics
 from bigmodel.metrics._retrieval import RetrievalMetrics
 from bigmodel.metrics._segmentation import SegmentationMetrics
+from bigmodel.models.tasks import TASKS
 
 __all__ = [
-    "HEAD_METRICS",
     "ClassificationMetrics",
     "DetectionMetrics",
     "MetricSet",
@@ -42,14 +42,6 @@ __all__ = [
     "SegmentationMetrics",
     "build_metrics",
 ]
-
-HEAD_METRICS: dict[str, type[nn.Module]] = {
-    "classification": ClassificationMetrics,
-    "segmentation": SegmentationMetrics,
-    "detection": DetectionMetrics,
-    "retrieval": RetrievalMetrics,
-}
-"""Metric group of each head type (the ``type`` field of the head's config)."""
 
 
 class MetricSet(nn.Module):
@@ -99,5 +91,5 @@ class MetricSet(nn.Module):
 def build_metrics(model_cfg: ModelConfig) -> MetricSet:
     """One metric group per head of ``model_cfg``, each built from that head's config."""
     return MetricSet(
-        {name: HEAD_METRICS[head.type](name, head) for name, head in model_cfg.heads.items()}
+        {name: TASKS[head.type].metrics(name, head) for name, head in model_cfg.heads.items()}
     )
