@@ -10,14 +10,16 @@ offline, and a silent download at run time would make runs irreproducible.
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+import pickle
+import sys
+from contextlib import suppress
 from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.layers import BatchNormAct2d
+from timm.models import adapt_input_conv
 from timm.utils.model import freeze
 from torch import Tensor, nn
 
@@ -30,6 +32,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 PREFERRED_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pth")
 # Values of backbone.pretrained that ask for a download instead of naming a file.
 HUB_WORDS = {"true", "yes", "1", "hub", "imagenet", "default", "timm", "download"}
+
+_log = logging.getLogger(__name__)
 
 
 def _download_hint(model_name: str) -> str:
@@ -95,30 +99,133 @@ def resolve_pretrained_file(pretrained: str, model_name: str) -> Path:
     )
 
 
-@contextmanager
-def _capture_timm_load_log() -> Iterator[list[logging.LogRecord]]:
-    """Collect timm's weight-loading log records.
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    """The state dict in a weights file, read without running code from it.
 
-    timm loads non-strictly as soon as it drops the classifier (always, for ``features_only``) and
-    only *logs* missing and unexpected keys; catching those lines is how a weights file for the
-    wrong architecture becomes an error instead of a silently half-random backbone.
+    timm's reader: safetensors, or ``torch.load(weights_only=True)`` (a pickle cannot execute
+    anything), unwrapping ``state_dict``/``model`` containers and DDP's ``module.`` prefixes.
     """
-    logger = logging.getLogger("timm.models._builder")
-    records: list[logging.LogRecord] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = _Collect(level=logging.INFO)
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+        raise ConfigError(
+            f"backbone.pretrained={str(path)!r} cannot be read as a state dict "
+            f"({type(err).__name__}: {_first_line(err)}); save it with safetensors or "
+            "torch.save(model.state_dict())"
+        ) from None
+    if not isinstance(state, dict):
+        raise ConfigError(
+            f"backbone.pretrained={str(path)!r} holds a {type(state).__name__}, not a state dict"
+        )
+    return state
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def _reference_model(cfg: BackboneConfig) -> nn.Module:
+    """The whole timm model, classifier removed, to compare a weights file with key by key.
+
+    ``features_only`` models rename and drop modules (``stages.0`` becomes ``stages_0``,
+    EfficientNet loses its last convolution), so the file is checked against the model it was
+    saved from. Built on the meta device (shapes only: no memory, no initialisation) where the
+    architecture allows it.
+    """
+    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": cfg.in_chans}
+    try:
+        with torch.device("meta"):
+            return timm.create_model(cfg.name, **kwargs)
+    except (RuntimeError, NotImplementedError, ValueError):  # e.g. .item() during init
+        return timm.create_model(cfg.name, **kwargs)
+
+
+def _adapt_weights(
+    state: dict[str, Tensor], reference: nn.Module, cfg: BackboneConfig
+) -> dict[str, Tensor]:
+    """Adapt a file's state dict as timm does when it loads pretrained weights.
+
+    The architecture's checkpoint filter (timm's ``checkpoint_filter_fn`` convention: original
+    checkpoints renamed to timm's keys, position embeddings resampled), then the first
+    convolution summed or repeated to ``in_chans`` channels (``adapt_input_conv``).
+    """
+    module = sys.modules[type(reference).__module__]
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, reference)
+        except (KeyError, RuntimeError, ValueError, IndexError) as err:
+            raise ConfigError(
+                f"backbone.pretrained={cfg.pretrained!r} does not fit timm model {cfg.name!r}: "
+                f"timm's checkpoint filter failed ({type(err).__name__}: {_first_line(err)})"
+            ) from None
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
+    first = (pretrained_cfg.first_conv if pretrained_cfg else None) or ()
+    expected = reference.state_dict()
+    for conv in (first,) if isinstance(first, str) else first:
+        key = f"{conv}.weight"
+        weight = state.get(key)
+        if weight is None or key not in expected or weight.shape == expected[key].shape:
+            continue
+        if weight.ndim == 4 and weight.shape[1] != cfg.in_chans:
+            # NotImplementedError (grouped stems): left as it is, the comparison names it
+            with suppress(NotImplementedError):
+                state[key] = adapt_input_conv(cfg.in_chans, weight, base_chans=weight.shape[1])
+    return state
+
+
+def _compare_weights(
+    state: dict[str, Tensor], reference: nn.Module, cfg: BackboneConfig, path: Path
+) -> dict[str, Tensor]:
+    """The file's tensors the model loads; a file that does not fit is refused, naming keys.
+
+    Missing, unexpected or differently shaped keys are errors, except the classifier the file
+    may hold (a feature extractor has none): it is left out, with a warning.
+    """
+    expected = reference.state_dict()
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
+    heads = (pretrained_cfg.classifier if pretrained_cfg else None) or ()
+    heads = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
+    unexpected = [k for k in state if k not in expected]
+    classifier = [k for k in unexpected if heads and k.startswith(heads)]
+    unexpected = [k for k in unexpected if k not in classifier]
+    # BatchNorm fills a missing step counter itself (checkpoints of older PyTorch lack it).
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
+    reshaped = [
+        f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}"
+        for k in state
+        if k in expected and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)
+    ]
+    problems = [
+        f"{len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+        for what, keys in (
+            ("missing from the file", missing),
+            ("not in the model", unexpected),
+            ("with another shape", reshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise ConfigError(
+            f"backbone.pretrained={str(path)!r} does not fit timm model {cfg.name!r} "
+            f"(in_chans={cfg.in_chans}): {'; '.join(problems)}. Save the weights of the same "
+            f"architecture: timm.create_model({cfg.name!r}).state_dict()"
+        )
+    if classifier:
+        _log.warning(
+            "backbone.pretrained=%s: classifier weights not loaded (features only): %s",
+            path,
+            ", ".join(classifier),
+        )
+    return {k: v for k, v in state.items() if k in expected}
+
+
+def _load_pretrained_state(cfg: BackboneConfig) -> dict[str, Tensor]:
+    """Read, adapt and check ``backbone.pretrained`` against the architecture, key by key."""
+    path = resolve_pretrained_file(cfg.pretrained, cfg.name)
+    reference = _reference_model(cfg)
+    state = _adapt_weights(_read_weights(path), reference, cfg)
+    return _compare_weights(state, reference, cfg, path)
 
 
 def _create_timm_features(cfg: BackboneConfig) -> nn.Module:
@@ -138,47 +245,19 @@ def _create_timm_features(cfg: BackboneConfig) -> nn.Module:
         kwargs["out_indices"] = tuple(cfg.out_indices)
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    weights = None
     if cfg.pretrained is not None:
-        weights = resolve_pretrained_file(cfg.pretrained, cfg.name)
-        # timm reads the file, adapts the stem to in_chans (adapt_input_conv), drops the classifier.
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
-    with _capture_timm_load_log() as records:
-        try:
-            model = timm.create_model(cfg.name, **kwargs)
-        except RuntimeError as err:  # load_state_dict: shapes that do not fit
-            if weights is None:
-                raise
-            raise ConfigError(
-                f"backbone.pretrained={cfg.pretrained!r} does not fit timm model {cfg.name!r}: {err}"
-            ) from None
-        except (IndexError, ValueError, AssertionError) as err:  # e.g. out_indices out of range
-            raise ConfigError(f"model.backbone ({cfg.name}): {err}") from None
-    if weights is None:
-        return model
-    # timm drops the classifier from the file on purpose (features only): not a mismatch.
-    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
-    classifiers = (pretrained_cfg.classifier if pretrained_cfg else None) or ()
-    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
-    mismatch = []
-    for record in records:
-        message = record.getMessage()
-        # Only missing keys matter: unexpected ones are parts the feature extractor does not
-        # use (e.g. EfficientNet's conv_head), so they are simply not loaded.
-        found = re.match(r"Missing keys \((.*?)\)", message)
-        if found:
-            keys = [k for k in found.group(1).split(", ") if not k.startswith(classifiers)]
-            if keys:
-                mismatch.append(f"weights missing from the file: {', '.join(keys)[:300]}")
-        elif message.startswith("Unable to convert"):
-            mismatch.append(message)
-    if mismatch:
-        raise ConfigError(
-            f"backbone.pretrained={str(weights)!r} does not fit timm model {cfg.name!r} ("
-            + "; ".join(mismatch)
-            + "). Save the weights of the same architecture (timm.create_model(name).state_dict())."
-        )
-    return model
+        # Checked here key by key; timm then loads exactly these tensors into the model it
+        # builds, before keeping only the feature levels (so the classifier is already out).
+        state = _load_pretrained_state(cfg)
+        pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
+        overlay: dict = {"state_dict": state}
+        if pretrained_cfg and pretrained_cfg.input_size:  # the stem is adapted already
+            overlay["input_size"] = (cfg.in_chans, *pretrained_cfg.input_size[1:])
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
+    try:
+        return timm.create_model(cfg.name, **kwargs)
+    except (IndexError, ValueError, AssertionError) as err:  # e.g. out_indices out of range
+        raise ConfigError(f"model.backbone ({cfg.name}): {err}") from None
 
 
 def _feature_module_path(model: nn.Module, name: str) -> str | None:
