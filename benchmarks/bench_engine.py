@@ -115,8 +115,8 @@ class _MemoryLoader:
     def __init__(self, batches: list[dict[str, Any]]) -> None:
         self.batches = batches
 
-    def set_epoch(self, epoch: int) -> None:
-        pass
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        pass  # never resumed here
 
     def __len__(self) -> int:
         return len(self.batches)

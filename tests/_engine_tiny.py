@@ -82,7 +82,10 @@ class GlobalBatchLoader:
     """``batches`` micro-batches per epoch: this rank's slices of the global batches.
 
     Micro-batch ``i`` is slice ``(i % micro) * world_size + rank`` of global batch
-    ``i // micro`` (``micro`` = accumulation steps); set_epoch-resumable.
+    ``i // micro`` (``micro`` = accumulation steps). ``set_epoch(epoch, start_step)`` starts
+    the next ``iter()`` at micro-batch ``start_step * micro`` by index, so a resumed epoch sees
+    exactly the batches the uninterrupted run saw (the exact-resume tests rely on it; the real
+    loader draws a fresh seeded stream instead).
     """
 
     def __init__(
@@ -102,18 +105,19 @@ class GlobalBatchLoader:
         self.micro = micro
         self.seed = seed
         self.epoch = 0
+        self.start_step = 0
         self.poison = poison or set()
         self.served = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self):
         per_step = self.batch_size * self.world_size * self.micro
-        for index in range(self.batches):
+        for index in range(self.start_step * self.micro, self.batches):
             full = make_batch(self.seed, self.epoch, index // self.micro, per_step)
             part = (index % self.micro) * self.world_size + self.rank
             lo, hi = part * self.batch_size, (part + 1) * self.batch_size
@@ -128,7 +132,7 @@ class GlobalBatchLoader:
                 batch["poison"] = torch.tensor([float("nan")])
             self.served += 1
             yield batch
-        self.epoch += 1
+        self.epoch, self.start_step = self.epoch + 1, 0
 
 
 class EvalShare:

@@ -2,8 +2,9 @@
 
 Tiny shards are written with the data tests' ``write_dataset`` (webdataset tars per format.py);
 the run uses the real manifest, augmentation, timm backbone, heads, losses and metrics. Resuming
-from a mid-epoch checkpoint replays the seeded data stream and restores the RNG, so it ends with
-exactly the uninterrupted run's weights.
+from an epoch-boundary checkpoint reads the same seeded data stream and restores the RNG, so it
+ends with exactly the uninterrupted run's weights (a mid-epoch resume draws a fresh stream for
+the rest of the epoch: tests/test_data_position.py).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def test_train_runs_evaluates_and_resumes_exactly(shards: Path, tmp_path: Path):
     try:
         full = LocalSession()
         figures = train(_config(shards, tmp_path, "full"), full)
-        resumed = LocalSession(resume_from=str(tmp_path / "full/checkpoints/step_0000001"))
+        # step 2 ends epoch 0: the resumed run starts epoch 1 as the uninterrupted one did
+        resumed = LocalSession(resume_from=str(tmp_path / "full/checkpoints/step_0000002"))
         train(_config(shards, tmp_path, "resumed"), resumed)
     finally:
         torch.use_deterministic_algorithms(False)

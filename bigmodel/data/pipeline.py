@@ -16,6 +16,17 @@ number into the workers and report ``len()``.) The price of resampling: within a
 samples repeat and others are skipped, and a worker whose share of shards is small repeats it
 more often; build shards of similar size, many more than ranks x loader workers.
 
+Resuming mid-epoch (``TrainLoader.set_epoch(epoch, start_step)``): the stream is seeded by
+(``seed``, rank, worker, epoch, start step), so a loader started at optimizer step ``s`` of an
+epoch reads nothing of the ``s`` steps before it and yields only the epoch's remaining
+``len - s * accumulation`` batches. Those batches are a fresh, deterministic draw for the rest of
+the epoch: *not* the samples the interrupted attempt would have read after step ``s`` (that
+would mean replaying its stream from the epoch start, reading, decoding and augmenting up to a
+whole epoch of data before the first new step). Under resampling with replacement nothing is
+lost by this: an epoch was never a permutation of the split, only ``len`` batches drawn from it,
+and the remaining steps still draw from every shard of the rank with the same weights. A resume
+at an epoch boundary (``start_step=0``) reads exactly the stream the uninterrupted run reads.
+
 Evaluation: shards are dealt the same way but read once, in order, without resampling or
 shuffling; the last batch of each worker may be short. Every sample is visited exactly once
 across ranks, and each batch carries the samples' keys so this can be checked. Ranks may get
@@ -89,14 +100,15 @@ def _resample(
     counts: dict[str, int],
     seed: int,
     rank: int,
-    epoch: Any,
+    position: _SharedPosition,
     check: ShardCheck | None = None,
 ) -> Iterator[dict]:
-    """Draw this worker's shards with replacement, forever (seeded by seed/rank/worker/epoch).
+    """Draw this worker's shards with replacement, forever.
 
+    Seeded by seed/rank/worker and the position (epoch, start step) the main process set.
     ``wds.ResampledShards`` draws from the whole list with its own epoch counter, which restarts
-    in every fresh worker process; here the epoch comes from the main process (``epoch`` is a
-    shared value) and the draw is limited to the shards this worker was dealt.
+    in every fresh worker process; here the position comes from the main process (shared values)
+    and the draw is limited to the shards this worker was dealt.
     """
     urls = [item["url"] for item in src]
     weights = [counts[url] for url in urls]
@@ -105,7 +117,7 @@ def _resample(
             f"rank {rank} loader worker {_worker_id()} got no samples to train on; rebuild the "
             f"shards with more (smaller) shards or lower data.loader_workers"
         )
-    stream_seed = _stream_seed(seed, rank, _worker_id(), epoch.value)
+    stream_seed = _stream_seed(seed, rank, _worker_id(), *position.seed_parts())
     if get_worker_info() is not None:
         # Seeds this worker process's torch RNG, which the augmentations draw from; the main
         # process (loader_workers=0) keeps its own RNG untouched.
@@ -123,10 +135,10 @@ def _resample(
 
 
 def _seeded_shuffle(
-    src: Iterable[dict], bufsize: int, seed: int, rank: int, epoch: Any
+    src: Iterable[dict], bufsize: int, seed: int, rank: int, position: _SharedPosition
 ) -> Iterator[dict]:
-    """``wds.shuffle`` with a per-rank/worker/epoch seed (its default seed is time-based)."""
-    rng = random.Random(_stream_seed(seed, rank, _worker_id(), epoch.value, "shuffle"))
+    """``wds.shuffle`` seeded by rank/worker/position (its default seed is time-based)."""
+    rng = random.Random(_stream_seed(seed, rank, _worker_id(), *position.seed_parts(), "shuffle"))
     yield from wds.shuffle(bufsize, initial=max(1, bufsize // 2), rng=rng)(src)
 
 
@@ -168,21 +180,30 @@ def train_batches_per_epoch(cfg: Config, manifest: Manifest, world_size: int) ->
     return max(1, steps) * accumulation
 
 
-class _SharedEpoch:
-    """An epoch number the main process sets and loader workers read (open_clip's SharedEpoch)."""
+class _SharedPosition:
+    """Where the next ``iter()`` starts: epoch and optimizer step within it.
 
-    def __init__(self, epoch: int = 0) -> None:
-        # No lock: only the main process writes, and a lock would tie the value to one
+    The main process sets it and loader workers read it when their stream (re)starts
+    (open_clip's SharedEpoch, with the step added for mid-epoch resumes).
+    """
+
+    def __init__(self) -> None:
+        # No lock: only the main process writes, and a lock would tie the values to one
         # multiprocessing start method (a fork-made lock cannot reach spawned workers).
-        self.shared = multiprocessing.Value("i", epoch, lock=False)
+        self.epoch = multiprocessing.Value("i", 0, lock=False)
+        self.step = multiprocessing.Value("i", 0, lock=False)
 
-    @property
-    def value(self) -> int:
-        return self.shared.value
+    def get(self) -> tuple[int, int]:
+        return self.epoch.value, self.step.value
 
-    @value.setter
-    def value(self, epoch: int) -> None:
-        self.shared.value = epoch
+    def seed_parts(self) -> tuple[int, ...]:
+        """What the position adds to a stream seed: the epoch, and the step when not 0 (so an
+        epoch start draws the same stream whether or not the run was ever resumed)."""
+        epoch, step = self.get()
+        return (epoch, step) if step else (epoch,)
+
+    def set(self, epoch: int, step: int = 0) -> None:
+        self.epoch.value, self.step.value = epoch, step
 
 
 class _Integrity:
@@ -217,49 +238,74 @@ class TrainLoader:
     """Endless resampled batches, cut into epochs of a fixed number of batches.
 
     Each ``iter()`` is one epoch of ``len(self)`` batches; the epoch number advances by itself
-    after each one, or is set with :meth:`set_epoch` (e.g. when resuming).
+    after each one, or is set with :meth:`set_epoch`, which also takes the optimizer step to
+    start at when resuming mid-epoch (then ``iter()`` yields only the epoch's remaining batches).
     """
 
     def __init__(
-        self, loader: DataLoader, batches: int, epoch: _SharedEpoch, integrity: _Integrity
+        self, loader: DataLoader, batches: int, position: _SharedPosition, integrity: _Integrity
     ) -> None:
         self.loader = loader
         self.batches = batches
-        self._epoch = epoch
+        self._position = position
         self.integrity = integrity
 
     @property
     def epoch(self) -> int:
         """The epoch the next ``iter()`` yields."""
-        return self._epoch.value
+        return self._position.epoch.value
+
+    @property
+    def start_step(self) -> int:
+        """Optimizer steps of the epoch the next ``iter()`` skips (0 but on a resume)."""
+        return self._position.step.value
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (``len(self)`` counts micro-batches)."""
+        return self.batches // self.integrity.accumulation
 
     @property
     def damaged_shards(self) -> int:
         """Shards dropped so far as damaged (``data.on_damaged_shard=skip``)."""
         return len(self.integrity.damaged)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch (shard draws, shuffle and augmentation are seeded by it)."""
-        self._epoch.value = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Start the next ``iter()`` at optimizer step ``start_step`` of ``epoch``.
+
+        Shard draws, shuffle and augmentation are seeded by (epoch, start_step); the next
+        ``iter()`` yields ``len(self) - start_step * accumulation`` batches, a fresh draw for
+        the rest of the epoch (see the module docstring), and reads nothing for the steps
+        before ``start_step``.
+        """
+        if start_step < 0 or (start_step > 0 and start_step >= self.steps_per_epoch):
+            raise ValueError(
+                f"start_step={start_step} is outside the epoch's {self.steps_per_epoch} "
+                f"optimizer steps"
+            )
+        self._position.set(epoch, start_step)
 
     def __len__(self) -> int:
+        """Micro-batches of a whole epoch (a resumed ``iter()`` yields fewer)."""
         return self.batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # Workers read the shared epoch when their stream (re)starts inside iter(self.loader).
+        # Workers read the shared position when their stream (re)starts inside iter(self.loader).
         accumulation = self.integrity.accumulation
-        first_step = self._epoch.value * (self.batches // accumulation)
+        epoch, start_step = self._position.get()
+        first_step = epoch * self.steps_per_epoch + start_step
+        remaining = self.batches - start_step * accumulation
         count = 0
         for batch in self.loader:
             if self.integrity.damaged_batch(batch):
-                continue  # a report, not a batch: the epoch still has len(self) batches
+                continue  # a report, not a batch: the epoch still has its batches
             # the optimizer step this batch feeds (1-based, as the engine counts)
             self.integrity.note(batch, first_step + count // accumulation + 1)
             yield batch
             count += 1
-            if count == self.batches:
+            if count == remaining:
                 break
-        self._epoch.value += 1
+        self._position.set(epoch + 1)
 
 
 class EvalLoader:
@@ -333,7 +379,7 @@ def make_train_loader(
     paths = manifest.shard_paths(data.train_split)
     counts = {path: shard.num_samples for path, shard in zip(paths, split.shards, strict=True)}
     check = _shard_check(cfg, paths, split.shards)
-    epoch = _SharedEpoch()
+    position = _SharedPosition()
     stages = [
         # every shard of the split, in manifest order: {"url": path}
         partial(_shard_list, paths),
@@ -342,12 +388,18 @@ def make_train_loader(
         # this loader worker's shards
         wds.split_by_worker,
         # endless seeded draws from them, weighted by sample count
-        partial(_resample, counts=counts, seed=cfg.seed, rank=rank, epoch=epoch, check=check),
+        partial(_resample, counts=counts, seed=cfg.seed, rank=rank, position=position, check=check),
         # raw samples: {"__key__", "__url__", "image.npy": bytes, "cls": bytes, ...}; each
         # shard's bytes hashed as they stream and checked against dataset.json at its end
         check.samples,
         # the same samples in shuffled order
-        partial(_seeded_shuffle, bufsize=data.shuffle_buffer, seed=cfg.seed, rank=rank, epoch=epoch)
+        partial(
+            _seeded_shuffle,
+            bufsize=data.shuffle_buffer,
+            seed=cfg.seed,
+            rank=rank,
+            position=position,
+        )
         if data.shuffle_buffer > 1
         else None,
         # numpy arrays, ints, JSON objects (group still bytes)
@@ -365,7 +417,7 @@ def make_train_loader(
     pipeline = wds.DataPipeline(*stages)
     batches = batches_per_epoch or train_batches_per_epoch(cfg, manifest, world_size)
     integrity = _Integrity(manifest.root, data.on_damaged_shard, cfg.optim.accumulation_steps)
-    return TrainLoader(_data_loader(pipeline, workers), batches, epoch, integrity)
+    return TrainLoader(_data_loader(pipeline, workers), batches, position, integrity)
 
 
 def make_eval_loader(

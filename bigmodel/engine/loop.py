@@ -101,7 +101,9 @@ def fit(
         model: a plain single-device model following the model contract (``forward(images,
             batch) -> {"loss", "losses", "outputs"}``).
         train_loader: yields ``len(train_loader)`` batches per ``iter()``, the same count on
-            every rank; ``set_epoch(epoch)`` chooses the epoch's data (resumable position).
+            every rank; ``set_epoch(epoch, start_step)`` chooses the epoch's data and the
+            optimizer step it starts at, after which ``iter()`` yields only the remaining
+            ``len - start_step * accumulation`` batches (the resumable data position).
         eval_loader: batches of this rank's share of the validation split (each sample once
             across ranks); None disables evaluation.
         metrics: a ``MetricSet`` (``update``/``compute``/``reset``) used with ``eval_loader``.
@@ -142,18 +144,16 @@ def fit(
     loop_start = time.perf_counter()
 
     for epoch in range(state.epoch, cfg.train.epochs):
-        train_loader.set_epoch(epoch)
-        batches = iter(train_loader)
         start = state.step_in_epoch if epoch == state.epoch else 0
-        if start:
-            # Data position: replay the epoch's seeded stream up to where the checkpoint was.
-            for _ in itertools.islice(batches, start * accumulation):
-                pass
+        # Data position: a resumed epoch starts at its checkpointed step with a stream seeded by
+        # (epoch, step), yielding only the remaining batches; nothing before it is read.
+        train_loader.set_epoch(epoch, start_step=start)
+        batches = iter(train_loader)
         if rng is not None:
-            set_rng_state(rng)  # after the replay, so the next batch sees the saved RNG
+            set_rng_state(rng)  # before the first batch, so it sees the saved RNG
             rng = None
         dm.model.train()
-        logger.timer = StepTimer()  # the replay above is not training time
+        logger.timer = StepTimer()
         for step_in_epoch in range(start + 1, steps_per_epoch + 1):
             # --- forward + backward over the accumulation window (no device sync in here)
             for micro in range(accumulation):
