@@ -64,6 +64,20 @@ class _Fields:
             )
         self.data, self.where, self.path = data, where, path
 
+    def only(self, record: type) -> _Fields:
+        """Refuse a key that is not a field of the dataclass ``record`` (a typo, or a field of
+        another format); return self."""
+        known = [f.name for f in fields(record)]
+        for key in self.data:
+            if key not in known:
+                self.fail(
+                    key,
+                    f"field {self.name(key)} is not part of the schema (known here: "
+                    f"{', '.join(known)})",
+                    "correct or remove it; the schema is sharding/format.py",
+                )
+        return self
+
     def name(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
 

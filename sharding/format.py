@@ -152,6 +152,7 @@ class CreatedBy(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> CreatedBy:
+        f.only(cls)
         return cls(**{k: f.get(k, str) for k in ("command", "version", "time", "fingerprint")})
 
 
@@ -166,6 +167,7 @@ class SourceInfo(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> SourceInfo:
+        f.only(cls)
         return cls(kind=f.get("kind", str), path=f.get("path", str))
 
 
@@ -183,6 +185,7 @@ class SplitPolicy(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> SplitPolicy:
+        f.only(cls)
         return cls(
             ratios=f.list_of("ratios", float),
             seed=f.get("seed", int),
@@ -208,6 +211,7 @@ class ImageSpec(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> ImageSpec:
+        f.only(cls)
         channels = f.get("channels", int, required=True)
         if channels < 1:
             f.fail("channels", f"field {f.name('channels')} is {channels}; it must be >= 1")
@@ -218,11 +222,6 @@ class ImageSpec(_Record):
             channel_names=f.list_of("channel_names", str),
             modality=f.get("modality", str),
         )
-
-    @property
-    def intensity(self) -> str:
-        """The intensity scheme ``data.intensity=auto`` picks for these images."""
-        return default_intensity(self.modality or "")
 
 
 @dataclass(kw_only=True)
@@ -240,6 +239,7 @@ class TaskSpec(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields, task: str) -> TaskSpec:
+        f.only(cls)
         classes = f.list_of("classes", str, required=True)
         if not classes:
             f.fail("classes", f"field {f.name('classes')} is empty")
@@ -256,6 +256,7 @@ class ImageSize(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> ImageSize:
+        f.only(cls)
         return cls(min=f.list_of("min", int, True), max=f.list_of("max", int, True))
 
 
@@ -278,6 +279,7 @@ class IntensityStats(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields, channels: int | None = None) -> IntensityStats:
+        f.only(cls)
         lists = {k: f.list_of(k, float) for k in ("mean", "std", "p0_5", "p99_5")}
         if channels is not None:
             for key, values in lists.items():
@@ -311,6 +313,7 @@ class ShardSpec(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> ShardSpec:
+        f.only(cls)
         num_samples = f.get("num_samples", int, required=True)
         if num_samples < 0:
             f.fail("num_samples", f"field {f.name('num_samples')} is negative")
@@ -344,6 +347,7 @@ class SplitSpec(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields, tasks: dict[str, TaskSpec]) -> SplitSpec:
+        f.only(cls)
         shards = [ShardSpec.from_fields(s) for s in f.objects("shards", required=True)]
         total = sum(s.num_samples for s in shards)
         num_samples = f.get("num_samples", int)
@@ -387,6 +391,7 @@ class SkippedItem(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> SkippedItem:
+        f.only(cls)
         return cls(
             file=f.get("file", str, True),
             reason=f.get("reason", str, True),
@@ -413,6 +418,7 @@ class FoldsSpec(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> FoldsSpec:
+        f.only(cls)
         k = f.get("k", int, required=True)
         if k < 2:
             f.fail("k", f"field {f.name('k')} is {k}; folds need k >= 2")
@@ -474,12 +480,13 @@ class DatasetManifest(_Record):
         """
         f = _Fields(data, "", str(path))
         version = data.get("format_version")
-        if version not in READABLE_VERSIONS or isinstance(version, bool):
+        if type(version) is not int or version not in READABLE_VERSIONS:  # not 1.0 nor true
             f.fail(
                 "format_version",
                 f"format_version is {version!r} but this reader needs {FORMAT_VERSION}",
                 "rebuild the shards with this version's bigmodel-shard build",
             )
+        f.only(cls)
         image = ImageSpec.from_fields(f.obj("image", required=True))
         task_fields = f.obj("tasks", required=True)
         tasks = {}
