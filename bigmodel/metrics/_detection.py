@@ -132,27 +132,27 @@ class DetectionMetrics(nn.Module):
         self.counts.update(preds, truth)
 
     def compute(self) -> dict[str, float]:
-        """Figures over every image seen since reset, gathered from all ranks."""
-        preds, truth = self.preds, self.truth
+        """Figures over every image seen since reset, from all ranks; collective.
+
+        COCOeval is single-process CPU work whose cost grows with the images: it runs once, on
+        rank 0, over the images gathered there (``gather_object``; under NCCL it needs the
+        rank's CUDA device set, which the engine does), and rank 0 sends the figures to the
+        others.
+        """
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (preds, truth))
-            preds = [p for rank_preds, _ in gathered for p in rank_preds]
-            truth = [t for _, rank_truth in gathered for t in rank_truth]
-        # COCOeval runs on CPU; every rank gets the same figures.
-        coco = MeanAveragePrecision(
-            box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False
-        )
-        if preds:
-            coco.update(preds, truth)
-            summary = coco.compute()
+            rank = dist.get_rank()
+            gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+            dist.gather_object((self.preds, self.truth), gathered, dst=0)
+            figures = None
+            if rank == 0:
+                preds = [p for rank_preds, _ in gathered for p in rank_preds]
+                truth = [t for _, rank_truth in gathered for t in rank_truth]
+                figures = coco_figures(preds, truth)
+            box = [figures]
+            dist.broadcast_object_list(box, src=0)
+            out = dict(box[0])
         else:
-            summary = dict.fromkeys(_COCO_FIGURES.values(), torch.tensor(-1.0))
-        # COCOeval reports -1 where there is no ground truth to score against.
-        out = {
-            name: (float(summary[key]) if float(summary[key]) >= 0 else NAN)
-            for name, key in _COCO_FIGURES.items()
-        }
+            out = coco_figures(self.preds, self.truth)
         counts = self.counts.compute()
         out["count"] = float(counts["images"])
         out["precision_50"] = float(counts["precision"])
@@ -163,6 +163,27 @@ class DetectionMetrics(nn.Module):
         """Forget everything seen so far."""
         self.preds, self.truth = [], []
         self.counts.reset()
+
+
+def coco_figures(
+    preds: Sequence[Mapping[str, torch.Tensor]], truth: Sequence[Mapping[str, torch.Tensor]]
+) -> dict[str, float]:
+    """COCO mAP figures of the images given (pycocotools' COCOeval through torchmetrics).
+
+    COCOeval reports -1 where there is no ground truth to score against: NaN here.
+    """
+    coco = MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False
+    )
+    if preds:
+        coco.update(list(preds), list(truth))
+        summary = coco.compute()
+    else:
+        summary = dict.fromkeys(_COCO_FIGURES.values(), torch.tensor(-1.0))
+    return {
+        name: (float(summary[key]) if float(summary[key]) >= 0 else NAN)
+        for name, key in _COCO_FIGURES.items()
+    }
 
 
 def _tensor(record: Mapping[str, Any], key: str, head: str) -> torch.Tensor:
