@@ -112,6 +112,12 @@ class DataConfig(_Strict):
     on_damaged_shard: Literal["stop", "skip"] = "stop"
     """A shard whose bytes do not match its sha256 in ``dataset.json``: ``stop`` the run naming
     it, or ``skip`` it with a warning (counted in the metrics as ``data/damaged_shards``)."""
+    balance: str | None = None
+    """Name of a multi-class classification head whose classes the training stream draws in
+    equal proportion: each sample is kept with probability (rarest class count) / (its class
+    count), from the training split's ``label_counts`` in ``dataset.json``; samples without that
+    label keep their share. The price: reading ``n / (k x rarest count)`` samples per kept one
+    (decoding only the kept ones). None: the data's own class frequencies."""
     augment: AugmentConfig = AugmentConfig()
     """Training-time augmentation."""
 
@@ -164,11 +170,16 @@ class ClassificationHeadConfig(_HeadBase):
     """Use focal loss instead of (binary) cross-entropy."""
     focal_gamma: float = Field(2.0, ge=0.0)
     """Focusing parameter of the focal loss."""
-    class_weights: list[float] | None = None
-    """Per-class loss weights (length ``num_classes``)."""
-    pos_weight: list[float] | None = None
+    class_weights: list[float] | Literal["balanced"] | None = None
+    """Per-class loss weights (length ``num_classes``). ``balanced`` (multi-class): n / (k x
+    count of the class) from the training split's ``label_counts`` in ``dataset.json``, like
+    scikit-learn's ``class_weight='balanced'``; resolved to the list when the config is resolved
+    against the manifest (the saved ``config.yaml`` records the numbers)."""
+    pos_weight: list[float] | Literal["balanced"] | None = None
     """Multi-label: weight of each class's positive term (BCE ``pos_weight``; e.g. negatives /
-    positives per class), leaving its negatives at 1; length ``num_classes``."""
+    positives per class), leaving its negatives at 1; length ``num_classes``. ``balanced``:
+    (samples - positives) / positives per class from ``label_counts`` (the manifest counts
+    positives only, so a sample whose label is unknown counts as a negative)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the classifier."""
 

@@ -88,6 +88,12 @@ class ClassificationLoss(nn.Module):
     def __init__(self, cfg: ClassificationHeadConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        for per_class in ("class_weights", "pos_weight"):
+            if getattr(cfg, per_class) == "balanced":  # numbers come from the data's counts
+                raise ConfigError(
+                    f"{per_class}=balanced is computed from the dataset manifest's label_counts: "
+                    f"build the loss from bigmodel.data.resolve_config(cfg, manifest)"
+                )
         weights = None
         if cfg.class_weights is not None:
             if cfg.num_classes is not None and len(cfg.class_weights) != cfg.num_classes:

@@ -23,12 +23,14 @@ from sharding import format as fmt
 from sharding.format import MANIFEST_NAME, TASK_MEMBERS
 
 __all__ = [
+    "ClassBalance",
     "ImageInfo",
     "Manifest",
     "ManifestError",
     "ShardInfo",
     "SplitInfo",
     "TaskInfo",
+    "class_balance",
     "data_intensity",
     "fold_split_names",
     "load_manifest",
@@ -309,14 +311,110 @@ def _check_resize(cfg: Config, manifest: Manifest) -> None:
             )
 
 
+def _train_counts(field: str, target: str, manifest: Manifest, cfg: Config) -> tuple[int, ...]:
+    """The training split's per-class counts of ``target``; every class must have samples."""
+    split = cfg.data.train_split
+    counts = manifest.split(split).label_counts.get(target)
+    if not counts:
+        raise ConfigError(
+            f"{field} needs per-class counts but {manifest.path} records no label_counts for "
+            f"{target!r} in split {split!r} (fold splits and older manifests have none): rebuild "
+            f"the shards with bigmodel-shard build, or give the numbers yourself"
+        )
+    classes = manifest.tasks[target].classes
+    empty = [name for name, count in zip(classes, counts, strict=True) if count == 0]
+    if empty:
+        raise ConfigError(
+            f"{field}: class(es) {empty} have no {target!r} samples in split {split!r} of "
+            f"{manifest.path}, so there is nothing to balance them with; give the numbers "
+            f"yourself or drop the classes"
+        )
+    return counts
+
+
+def _balanced_loss_weights(name: str, head: Any, manifest: Manifest, cfg: Config) -> None:
+    """Replace ``class_weights``/``pos_weight`` = ``balanced`` by numbers from the counts."""
+    field = f"model.heads.{name}"
+    if head.class_weights == "balanced":
+        if head.multilabel:
+            raise ConfigError(
+                f"{field}.class_weights=balanced is for multi-class heads; a multi-label head "
+                f"weighs rare findings with {field}.pos_weight=balanced"
+            )
+        counts = _train_counts(f"{field}.class_weights=balanced", head.target, manifest, cfg)
+        n, k = sum(counts), len(counts)  # scikit-learn's compute_class_weight("balanced")
+        head.class_weights = [round(n / (k * count), 6) for count in counts]
+    if head.pos_weight == "balanced":
+        if not head.multilabel:
+            raise ConfigError(
+                f"{field}.pos_weight=balanced is for multi-label heads; a multi-class head uses "
+                f"{field}.class_weights=balanced"
+            )
+        counts = _train_counts(f"{field}.pos_weight=balanced", head.target, manifest, cfg)
+        # label_counts holds positives only: every other sample of the split is a negative
+        n = manifest.split(cfg.data.train_split).num_samples
+        head.pos_weight = [round((n - count) / count, 6) for count in counts]
+
+
+@dataclass(frozen=True)
+class ClassBalance:
+    """``data.balance``: how the training stream thins samples to draw classes equally."""
+
+    task: str
+    """The shard task whose label decides (``cls``)."""
+    keep: tuple[float, ...]
+    """Probability of keeping a sample of each class: rarest count / the class's count."""
+    keep_unlabelled: float
+    """Probability of keeping a sample without that label: the labelled samples' mean, so
+    their share of the stream stays what it is in the data."""
+
+    @property
+    def read_per_kept(self) -> float:
+        """Samples read per sample kept (the cost of balancing)."""
+        return 1.0 / self.keep_unlabelled
+
+
+def class_balance(cfg: Config, manifest: Manifest) -> ClassBalance | None:
+    """The sampling of ``data.balance`` from the manifest's counts; None when it is unset.
+
+    Raises:
+        ConfigError: ``data.balance`` names no multi-class classification head, or the manifest
+            has no per-class counts for its target.
+    """
+    name = cfg.data.balance
+    if name is None:
+        return None
+    head = cfg.model.heads.get(name)
+    if head is None:
+        raise ConfigError(f"data.balance={name!r} is not a head; heads: {sorted(cfg.model.heads)}")
+    if head.type != "classification":
+        raise ConfigError(
+            f"data.balance={name!r} names a {head.type} head; balancing draws samples by their "
+            f"class, which needs a classification head"
+        )
+    if head.target in manifest.tasks and manifest.tasks[head.target].multilabel:
+        raise ConfigError(
+            f"data.balance={name!r} names a multi-label head: a sample has several classes, so "
+            f"there is no one class to balance by; weigh rare findings with "
+            f"model.heads.{name}.pos_weight=balanced instead"
+        )
+    counts = _train_counts(f"data.balance={name!r}", head.target, manifest, cfg)
+    rarest = min(counts)
+    keep = tuple(rarest / count for count in counts)
+    return ClassBalance(head.target, keep, len(counts) * rarest / sum(counts))
+
+
 def resolve_config(cfg: Config, manifest: Manifest) -> Config:
     """Return a copy of ``cfg`` with ``in_chans`` and every head's ``num_classes`` from the data.
 
     Values already set must agree with the manifest: a silent mismatch would train a model whose
-    output layer cannot represent the dataset's classes.
+    output layer cannot represent the dataset's classes. ``class_weights``/``pos_weight`` set to
+    ``balanced`` become numbers from the training split's ``label_counts``, and ``data.balance``
+    is checked against them.
 
     Raises:
-        ConfigError: a head's target is not in the manifest, or a set value disagrees.
+        ConfigError: a head's target is not in the manifest, a set value disagrees, or a
+            ``balanced`` option has no counts to come from.
     """
     cfg = cfg.model_copy(deep=True)
     data_intensity(cfg, manifest)  # an intensity scheme unfit for the modality fails here
@@ -349,4 +447,7 @@ def resolve_config(cfg: Config, manifest: Manifest) -> Config:
                     f"{manifest.path} is {manifest.tasks['cls'].type}; unset it"
                 )
             head.multilabel = multilabel
+        if head.type == "classification":
+            _balanced_loss_weights(name, head, manifest, cfg)
+    class_balance(cfg, manifest)  # an impossible data.balance fails here, before any worker
     return cfg

@@ -27,6 +27,12 @@ lost by this: an epoch was never a permutation of the split, only ``len`` batche
 and the remaining steps still draw from every shard of the rank with the same weights. A resume
 at an epoch boundary (``start_step=0``) reads exactly the stream the uninterrupted run reads.
 
+Class balance (``data.balance``): between reading and shuffling, each raw sample is kept with
+probability (rarest class count) / (its class count), from the manifest's ``label_counts``, so
+the classes of that head arrive in equal proportion. The label is read from the raw ``cls``
+bytes, so rejected samples are read but never decoded or augmented; the price is reading
+``n / (k x rarest count)`` samples per kept one (x3.3 for classes split 60/30/10).
+
 Evaluation: shards are dealt the same way but read once, in order, without resampling or
 shuffling; the last batch of each worker may be short. Every sample is visited exactly once
 across ranks, and each batch carries the samples' keys so this can be checked. Ranks may get
@@ -55,7 +61,14 @@ from bigmodel.config import Config
 from bigmodel.data._augment import SampleTransform, collate
 from bigmodel.data._decode import SampleDecoder, png_handler
 from bigmodel.data._integrity import DAMAGED_KEY, DamagedShardError, ShardCheck, damaged_message
-from bigmodel.data.manifest import Manifest, ManifestError, data_intensity
+from bigmodel.data.manifest import (
+    ClassBalance,
+    Manifest,
+    ManifestError,
+    class_balance,
+    data_intensity,
+)
+from sharding.format import CLS
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +153,30 @@ def _seeded_shuffle(
     """``wds.shuffle`` seeded by rank/worker/position (its default seed is time-based)."""
     rng = random.Random(_stream_seed(seed, rank, _worker_id(), *position.seed_parts(), "shuffle"))
     yield from wds.shuffle(bufsize, initial=max(1, bufsize // 2), rng=rng)(src)
+
+
+def _balanced(
+    src: Iterable[dict],
+    balance: ClassBalance,
+    seed: int,
+    rank: int,
+    position: _SharedPosition,
+) -> Iterator[dict]:
+    """Keep each raw sample with its class's probability (``data.balance``), before decoding.
+
+    Rejection rather than per-class streams: the shards mix classes, and a resampled stream of
+    them thinned per sample stays seeded and endless with nothing else to build.
+    """
+    rng = random.Random(_stream_seed(seed, rank, _worker_id(), *position.seed_parts(), "balance"))
+    for sample in src:
+        label = sample.get(CLS)  # raw bytes of the multi-class label (b"2"); absent: unlabelled
+        keep = balance.keep_unlabelled
+        if label is not None:
+            index = int(label)
+            # an index out of range is kept: the decoder names the sample
+            keep = balance.keep[index] if 0 <= index < len(balance.keep) else 1.0
+        if rng.random() < keep:
+            yield sample
 
 
 def _check_layout(manifest: Manifest) -> None:
@@ -380,6 +417,14 @@ def make_train_loader(
     counts = {path: shard.num_samples for path, shard in zip(paths, split.shards, strict=True)}
     check = _shard_check(cfg, paths, split.shards)
     position = _SharedPosition()
+    balance = class_balance(cfg, manifest)
+    if balance is not None:
+        log.info(
+            "data.balance=%s: keeping %s of each class; %.1f samples read per sample kept",
+            data.balance,
+            ", ".join(f"{p:.3f}" for p in balance.keep),
+            balance.read_per_kept,
+        )
     stages = [
         # every shard of the split, in manifest order: {"url": path}
         partial(_shard_list, paths),
@@ -392,6 +437,10 @@ def make_train_loader(
         # raw samples: {"__key__", "__url__", "image.npy": bytes, "cls": bytes, ...}; each
         # shard's bytes hashed as they stream and checked against dataset.json at its end
         check.samples,
+        # data.balance: the same raw samples, thinned so that the head's classes come equally
+        partial(_balanced, balance=balance, seed=cfg.seed, rank=rank, position=position)
+        if balance is not None
+        else None,
         # the same samples in shuffled order
         partial(
             _seeded_shuffle,
