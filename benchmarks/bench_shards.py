@@ -18,6 +18,10 @@ label maps, a CSV of class labels and patient ids), then prints two tables:
    come from the disk, as on a training node that has not seen the data yet. The shard
    pipeline runs twice: as training reads (every shard's bytes hashed while streamed and checked
    against ``dataset.json``'s sha256) and with the check off, so its cost shows as a ratio.
+3. **Resume**: seconds from creating the training loader to the first new batch when a run
+   resumes at 90% of an epoch, replaying the epoch's stream up to the checkpoint (what the
+   engine did before the data position was seeded) against starting the seeded stream at the
+   step (``TrainLoader.set_epoch(epoch, start_step)``); cold page cache for both.
 
 Usage: ``python benchmarks/bench_shards.py [--quick] [--workers 2] [--out DIR]``.
 """
@@ -43,7 +47,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from bigmodel.config import Config
-from bigmodel.data import collate, data_intensity, load_manifest, make_eval_loader
+from bigmodel.data import (
+    collate,
+    data_intensity,
+    load_manifest,
+    make_eval_loader,
+    make_train_loader,
+)
 from bigmodel.data._augment import SampleTransform
 from bigmodel.data._decode import SampleDecoder, png_handler
 
@@ -240,6 +250,44 @@ def bench_read(out: Path, workers: int, batch_size: int, repeats: int) -> dict[s
     return result
 
 
+def bench_resume(out: Path, workers: int, batch_size: int) -> dict[str, float]:
+    """Seconds to the first new training batch after resuming late in an epoch.
+
+    ``replay`` iterates the epoch's batches before the checkpoint (each read, decoded and
+    augmented) and then takes one; ``seeded`` starts the stream at the step and takes one.
+    """
+    manifest = load_manifest(out / "shards")
+    split = manifest.split("train")
+    steps = max(2, split.num_samples // batch_size)
+    start = steps * 9 // 10
+    cfg = Config.model_validate(
+        {
+            "data": {
+                "image_size": 256,
+                "batch_size": batch_size,
+                "loader_workers": min(workers, len(split.shards)),
+            },
+            "model": {"heads": {"seg": {"type": "segmentation"}}},
+            "train": {"steps_per_epoch": steps},
+        }
+    )
+    shard_files = [Path(p) for p in manifest.shard_paths("train")]
+    result: dict[str, float] = {"steps": steps, "start": start}
+    for name in ("replay", "seeded"):
+        _evict(shard_files)
+        tick = time.perf_counter()
+        loader = make_train_loader(cfg, manifest, 0, 1)
+        loader.set_epoch(0, start_step=start if name == "seeded" else 0)
+        batches = iter(loader)
+        if name == "replay":
+            for _ in range(start):
+                next(batches)
+        next(batches)
+        result[name] = time.perf_counter() - tick
+        del batches, loader  # stop its workers before the next run
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run both benchmarks and print the tables; return the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -255,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source_bytes = make_source(work / "source", volumes, slices, 256)
         build = bench_build(work, work / "source", args.workers, source_bytes, not args.quick)
         read = bench_read(work, args.workers, args.batch_size, repeats)
+        resume = bench_resume(work, args.workers, args.batch_size)
     finally:
         if not args.out:
             shutil.rmtree(work, ignore_errors=True)
@@ -293,7 +342,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"sha256 check on read: {read['shards'] / read['unchecked']:.2f}x the unchecked "
         f"throughput ({1 - read['shards'] / read['unchecked']:+.1%} cost)"
     )
-    return {"build": build, "read": read}
+    print(
+        f"resume at step {int(resume['start'])} of {int(resume['steps'])}: first new batch after "
+        f"{resume['replay']:.2f} s (replay) vs {resume['seeded']:.2f} s (seeded), "
+        f"{resume['replay'] / resume['seeded']:.1f}x"
+    )
+    return {"build": build, "read": read, "resume": resume}
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ def test_bench_shards_quick(tmp_path):
     ):
         assert re.search(row + number * 2, out), out
     assert re.search(r"sha256 check on read: [0-9.]+x", out), out
+    assert re.search(r"first new batch after [0-9.]+ s \(replay\) vs [0-9.]+ s \(seeded\)", out), (
+        out
+    )
     assert "read (one epoch, 12 samples)" in out
     # the work folder holds the real artefacts: shards with a manifest, and the per-file copy
     assert (tmp_path / "shards" / "dataset.json").is_file()
