@@ -396,10 +396,24 @@ def test_bad_input_names_the_head_and_field() -> None:
 # two gloo ranks: the metric over two halves equals the metric over the whole
 
 
+def _count_coco_runs() -> list[int]:
+    """Count this process's COCOeval runs (the real method still runs)."""
+    runs = [0]
+    evaluate = COCOeval.evaluate
+
+    def counted(self):
+        runs[0] += 1
+        return evaluate(self)
+
+    COCOeval.evaluate = counted
+    return runs
+
+
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str, rank1_idle: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    coco_runs = _count_coco_runs()
     try:
         pairs = _batches(seed=9)
         metrics: MetricSet = build_metrics(_model_cfg())
@@ -409,6 +423,8 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, rank1_idle: 
         for outputs, batch in mine:
             metrics.update(outputs, batch)
         torch.save(metrics.compute(), os.path.join(out_dir, f"rank{rank}.pt"))
+        # COCOeval runs once, on rank 0, over the gathered images; rank 1 gets its figures
+        torch.save(coco_runs[0], os.path.join(out_dir, f"coco_runs{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -424,6 +440,7 @@ def test_two_ranks_equal_the_whole(tmp_path, rank1_idle: bool) -> None:
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path), rank1_idle), nprocs=2, join=True)
     pairs = _batches(seed=9)
     whole = _run(pairs[::2] if rank1_idle else pairs)
+    assert [torch.load(tmp_path / f"coco_runs{rank}.pt") for rank in range(2)] == [1, 0]
     for rank in range(2):
         figures = torch.load(tmp_path / f"rank{rank}.pt")
         assert figures.keys() == whole.keys()
