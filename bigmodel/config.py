@@ -233,6 +233,12 @@ class RetrievalHeadConfig(_HeadBase):
     """Temperature of the supervised contrastive loss."""
     margin: float = Field(0.2, ge=0.0)
     """Margin of the triplet / ArcFace losses."""
+    across_accumulation: bool = False
+    """supcon/triplet with ``optim.accumulation_steps`` > 1: each micro-batch's loss sees the
+    embeddings of the whole accumulation window (and every rank), so accumulation makes one
+    larger contrastive batch (open_clip's ``accum_freq``). The window's micro-batches are read
+    first and embedded once without gradients, then each is recomputed with gradients against
+    the others: one more forward per micro-batch, and the window's inputs held in memory."""
 
 
 HeadConfig = Annotated[
@@ -397,6 +403,10 @@ class ClusterConfig(_Strict):
     """Shared storage for checkpoints (s3://, gs://, or an NFS path); required on multi-node."""
     max_failures: int = Field(0, ge=-1)
     """Restarts from the last checkpoint after a worker failure (-1: unlimited)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers' placement group: PACK fills a node before the next (fast
+    intra-node collectives); SPREAD spreads them; STRICT_SPREAD puts every worker on its own
+    node (one worker per machine, or a multi-node test); STRICT_PACK all on one node."""
 
 
 class TrackingConfig(_Strict):

@@ -52,7 +52,7 @@ def backend(cfg: Config) -> str:
 
 
 def scaling_config(cfg: Config) -> ScalingConfig:
-    """Workers and the resources each one reserves (``cluster.*``)."""
+    """Workers, the resources each one reserves and how they are placed (``cluster.*``)."""
     resources: dict[str, float] = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
@@ -60,6 +60,7 @@ def scaling_config(cfg: Config) -> ScalingConfig:
         num_workers=cfg.cluster.num_workers,
         use_gpu=cfg.cluster.use_gpu,
         resources_per_worker=resources,
+        placement_strategy=cfg.cluster.placement_strategy,
     )
 
 
@@ -139,7 +140,7 @@ def check_storage(
     cfg: Config,
     nodes: list[dict[str, Any]],
     probe: Callable[[str, list[dict[str, Any]]], list[str]] | None = None,
-) -> None:
+) -> str | None:
     """Reject multi-node runs whose checkpoints some node cannot read back.
 
     Ray Train writes every rank's checkpoint shards to ``storage_path`` and reads them back on
@@ -149,9 +150,12 @@ def check_storage(
     mountpoint-s3 are as good as NFS): ``probe`` (default :func:`blind_nodes`) returns the
     alive nodes that cannot read a sentinel the driver writes there. Nodes an autoscaler adds
     later are not probed.
+
+    Returns:
+        What was checked, one line for the console (None on a single node: nothing to check).
     """
     if not is_multi_node(cfg, nodes):
-        return
+        return None
     alive = [n for n in nodes if _alive(n)]
     where = (
         f"this cluster has {len(alive)} nodes"
@@ -172,7 +176,7 @@ def check_storage(
                 f"cluster.storage_path={path!r}: scheme {scheme!r} is not a shared store; use "
                 f"one of {', '.join(s + '://' for s in SHARED_SCHEMES)} or a shared mount"
             )
-        return
+        return f"storage {path} ({scheme}://, reached by every node through its own client)"
     local = str(Path(path.removeprefix("file://")).resolve())
     blind = (probe or blind_nodes)(local, alive)
     if blind:
@@ -182,6 +186,10 @@ def check_storage(
             "resume from its checkpoints. Mount the same shared filesystem at that path on every "
             "node, or use s3:// / gs://."
         )
+    return (
+        f"storage {local} is shared: a sentinel the driver wrote there was read back on all "
+        f"{len(alive)} nodes"
+    )
 
 
 def blind_nodes(path: str, nodes: list[dict[str, Any]]) -> list[str]:

@@ -106,7 +106,9 @@ def run(cfg: Config, address: str | None = None) -> Result:
     started = connect(cfg, address)
     try:
         # refused runs leave no run folder behind: check before anything is written for it
-        _ray_config.check_storage(cfg, ray.nodes())
+        checked = _ray_config.check_storage(cfg, ray.nodes())
+        if checked:  # multi-node: say what was verified before any worker starts
+            print(f"bigmodel-train: {checked}", flush=True)
         route_ray_console(Path(cfg.train.output_dir) / cfg.name / "logs")  # bigmodel lines only
         return build_trainer(cfg).fit()
     finally:
