@@ -233,6 +233,12 @@ class RetrievalHeadConfig(_HeadBase):
     """Temperature of the supervised contrastive loss."""
     margin: float = Field(0.2, ge=0.0)
     """Margin of the triplet / ArcFace losses."""
+    across_accumulation: bool = False
+    """supcon/triplet with ``optim.accumulation_steps`` > 1: each micro-batch's loss sees the
+    embeddings of the whole accumulation window (and every rank), so accumulation makes one
+    larger contrastive batch (open_clip's ``accum_freq``). The window's micro-batches are read
+    first and embedded once without gradients, then each is recomputed with gradients against
+    the others: one more forward per micro-batch, and the window's inputs held in memory."""
 
 
 HeadConfig = Annotated[

@@ -33,6 +33,7 @@ from bigmodel.config import (
 
 __all__ = [
     "METRIC_LOSSES",
+    "AccumulationWindow",
     "ClassificationLoss",
     "DetectionLoss",
     "RetrievalLoss",
@@ -246,6 +247,28 @@ def _gather_with_grad(embeddings: Tensor, labels: Tensor, valid: Tensor) -> tupl
     return all_embeddings, torch.cat(parts), torch.cat(masks)
 
 
+class AccumulationWindow:
+    """The embeddings of one accumulation window, for a loss that sees the whole window.
+
+    open_clip's ``accum_freq``: the engine runs every micro-batch of the window once without
+    gradients, while ``slot`` is None, and the loss records its (rank-gathered) embeddings,
+    labels and mask; then it reruns micro-batch ``slot`` with gradients and the loss puts the
+    live embeddings in that slot, between the recorded ones of the others.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.slot: int | None = None
+        self.recorded: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def splice(self, embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The window's embeddings (slot ``self.slot`` live), labels and mask."""
+        parts = [e if i != self.slot else embeddings for i, (e, _, _) in enumerate(self.recorded)]
+        labels = torch.cat([labels for _, labels, _ in self.recorded])
+        valid = torch.cat([valid for _, _, valid in self.recorded])
+        return torch.cat(parts), labels, valid
+
+
 class RetrievalLoss(nn.Module):
     """A pytorch-metric-learning loss on the embeddings; same label = positive pair.
 
@@ -261,7 +284,15 @@ class RetrievalLoss(nn.Module):
                 "retrieval metric_loss=arcface needs num_classes (one centre per class); "
                 "use target: cls with a class task, or metric_loss: supcon / triplet"
             )
+        if cfg.metric_loss == "arcface" and cfg.across_accumulation:
+            raise ConfigError(
+                "retrieval across_accumulation: ArcFace compares each sample with learned class "
+                "centres, not with the batch, so a larger window changes nothing; unset it"
+            )
+        self.cfg = cfg
         self.loss = METRIC_LOSSES[cfg.metric_loss](cfg, cfg.embed_dim)
+        self.window: AccumulationWindow | None = None
+        """Set by the engine while it accumulates a window (``across_accumulation``)."""
 
     def forward(
         self, embeddings: Tensor, target: Tensor | Sequence[str], has: Tensor | None = None
@@ -271,6 +302,8 @@ class RetrievalLoss(nn.Module):
         In a distributed training step the loss sees the global batch: embeddings are gathered
         from every rank with gradients (:func:`_gather_with_grad`), so contrastive negatives and
         same-patient positives on other ranks count, as with one worker and the whole batch.
+        With an accumulation window (:class:`AccumulationWindow`) the other micro-batches'
+        recorded embeddings count too.
         """
         labels = _labels_as_ints(target, embeddings.device)
         valid = labels >= 0
@@ -278,11 +311,24 @@ class RetrievalLoss(nn.Module):
             valid = valid & has.to(valid.device)
         # The loss runs in fp32: its exponentials overflow in half precision.
         embeddings = embeddings.float()
-        if torch.is_grad_enabled() and dist.is_initialized() and dist.get_world_size() > 1:
+        window = self.window
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        if distributed and (torch.is_grad_enabled() or window is not None):
             embeddings, labels, valid = _gather_with_grad(embeddings, labels, valid)
+        if window is not None and window.slot is None:  # the no-grad pass: record this slot
+            window.recorded.append((embeddings.detach(), labels, valid))
+            return None
+        if window is not None:
+            embeddings, labels, valid = window.splice(embeddings)
         if int(valid.sum()) < 2:
             return None
-        return self.loss(embeddings[valid], labels[valid])
+        loss = self.loss(embeddings[valid], labels[valid])
+        if window is not None:
+            # The value stays the window's loss; the gradient is x slots: this micro-step
+            # carries only its slot's share of the window loss's gradient, and the engine
+            # divides every micro-batch's loss by the accumulation steps.
+            loss = loss + (window.slots - 1) * (loss - loss.detach())
+        return loss
 
 
 class DetectionLoss(nn.Module):

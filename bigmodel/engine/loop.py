@@ -29,6 +29,7 @@ from bigmodel.engine._strategy import (
     init_distributed,
     resolve_device,
 )
+from bigmodel.engine._window import ContrastiveWindow
 from bigmodel.engine.checkpoint import (
     TrainState,
     checkpoint_dir,
@@ -130,6 +131,7 @@ def fit(
     dm = distribute(model, cfg, world_size, device, total_steps)
     if metrics is not None:
         metrics = metrics.to(device)
+    window = ContrastiveWindow(dm, accumulation)  # empty unless a loss sees whole windows
     state, rng = TrainState(), None
     resume_from = session.latest_checkpoint()
     if resume_from is not None:
@@ -155,19 +157,30 @@ def fit(
         dm.model.train()
         logger.timer = StepTimer()
         for step_in_epoch in range(start + 1, steps_per_epoch + 1):
+            # --- contrastive losses over the whole window (retrieval across_accumulation):
+            # read the window's micro-batches first and embed them once without gradients
+            held: list[dict[str, Any]] = []
+            if window:
+                tick = time.perf_counter()
+                held = [_to_device(next(batches), device) for _ in range(accumulation)]
+                phase_s["data_wait"] += time.perf_counter() - tick
+                window.embed(held)
             # --- forward + backward over the accumulation window (no device sync in here)
             for micro in range(accumulation):
                 tick = time.perf_counter()
                 logger.timer.data_started()
-                batch = next(batches)
+                batch = held[micro] if window else next(batches)
                 logger.timer.data_done(len(batch["image"]))
                 phase_s["data_wait"] += time.perf_counter() - tick
                 batch = _to_device(batch, device)
+                if window:
+                    window.enter(micro)  # this micro-batch live, the others as recorded
                 with dm.micro_batch(is_last=micro == accumulation - 1):
                     with dm.autocast():
                         out = dm.model(batch["image"], batch)
                     dm.backward(out["loss"])
                 logger.add_losses(out["losses"], out["loss"])
+            window.close()
             # --- optimizer step (DeepSpeed: reduce-scatter, clip, step), then the schedule.
             # The gradient norm is read on the host here: the one sync per step. A non-finite
             # norm (NaN/inf loss or gradient on any rank) skips the update on every rank.
