@@ -79,3 +79,24 @@ def test_mismatching_keys_are_named_in_one_line_whatever_timm_logs(tmp_path, sta
     assert "1 missing from the file (layer1.0.conv1.weight)" in message
     assert "1 not in the model (extra.weight)" in message
     assert "1 with another shape (layer2.0.bn1.weight [5] vs [48])" in message
+
+
+def test_parts_the_feature_extractor_drops_are_accepted_without_warnings(tmp_path, caplog):
+    """EfficientNet's features lack conv_head/bn2: checked against the whole model, no noise."""
+    torch.manual_seed(0)
+    state = {
+        k: v.contiguous() for k, v in timm.create_model("test_efficientnet").state_dict().items()
+    }
+    path = tmp_path / "effnet.safetensors"
+    save_file(state, str(path))
+    with caplog.at_level(logging.INFO):
+        backbone = create_backbone(
+            BackboneConfig(name="test_efficientnet", in_chans=3, pretrained=str(path))
+        )
+    loaded = backbone.model.state_dict()
+    assert "conv_head.weight" in state and "conv_head.weight" not in loaded
+    torch.testing.assert_close(
+        loaded["blocks.1.0.conv_exp.weight"], state["blocks.1.0.conv_exp.weight"]
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "classifier.weight" in warnings[0], warnings
