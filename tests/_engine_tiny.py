@@ -110,6 +110,8 @@ class GlobalBatchLoader:
         self.served = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if start_step and start_step >= self.batches // self.micro:  # as the real TrainLoader
+            raise ValueError(f"start_step={start_step} is outside the epoch")
         self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:

@@ -141,3 +141,18 @@ def test_train_resumes_mid_epoch_without_replaying(shards: Path, tmp_path: Path,
     assert len(decoded) == 2 * 2 * 2 + 1
     assert figures["step"] == 4.0
     assert [Path(c).name for c in resumed.checkpoints] == ["step_0000003", "step_0000004"]
+
+
+def test_resume_past_the_end_of_a_shorter_epoch_goes_on_with_the_next(tmp_path: Path):
+    """A checkpoint at step 3 of 4, resumed where an epoch has 2 steps (e.g. more workers)."""
+    from _engine_tiny import run_fit, tiny_config
+
+    cfg = tiny_config(tmp_path, "long", train={"epochs": 2, "checkpoint_every": 1})
+    run_fit(cfg, 0, 1, batches=4)
+    resumed = tiny_config(tmp_path, "short", train={"epochs": 2, "checkpoint_every": 1})
+    figures, session = run_fit(
+        resumed, 0, 1, batches=2, resume_from=str(tmp_path / "long/checkpoints/step_0000003")
+    )
+    # epoch 0 is over (3 >= 2 steps); epoch 1 runs its 2 steps
+    assert figures["step"] == 5.0
+    assert [Path(c).name for c in session.checkpoints] == ["step_0000004", "step_0000005"]

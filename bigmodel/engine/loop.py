@@ -147,6 +147,17 @@ def fit(
 
     for epoch in range(state.epoch, cfg.train.epochs):
         start = state.step_in_epoch if epoch == state.epoch else 0
+        if start >= steps_per_epoch:
+            # A checkpoint from longer epochs (e.g. fewer workers, so more steps per epoch) taken
+            # past this epoch's end: the epoch is over; go on with the next one.
+            log.warning(
+                "resumed at step %d of epoch %d, which now has %d steps: starting epoch %d",
+                start,
+                epoch,
+                steps_per_epoch,
+                epoch + 1,
+            )
+            continue
         # Data position: a resumed epoch starts at its checkpointed step with a stream seeded by
         # (epoch, step), yielding only the remaining batches; nothing before it is read.
         train_loader.set_epoch(epoch, start_step=start)
