@@ -3,7 +3,8 @@
 Without them a missing shard folder or a misspelt backbone starts Ray, the controller and the
 workers, and comes back as pages of tracebacks around the one useful sentence. Each check here
 reuses the library's own validation (``load_manifest``, ``resolve_config``, ``timm.is_model``,
-``resolve_pretrained_file``), so the driver and the workers cannot disagree about what is valid.
+``resolve_pretrained_file``, ``check_pretrained``), so the driver and the workers cannot disagree
+about what is valid.
 
 Checks that need the data skip remote shard locations (``s3://...``): those are read on the
 workers only.
@@ -86,8 +87,31 @@ def _check_data(cfg: Config) -> list[str]:
     if found:
         return found
     try:
-        resolve_config(cfg, manifest)  # head targets present, class counts and channels agree
+        resolved = resolve_config(cfg, manifest)  # head targets, class counts and channels agree
     except (ConfigError, ManifestError) as err:
+        return [_one_line(err)]
+    return _check_weights(resolved)
+
+
+def _check_weights(cfg: Config) -> list[str]:
+    """A pretrained file fits the backbone key by key (``in_chans`` now from the manifest).
+
+    Skipped where :func:`_check_backbone` already named the backbone or the file.
+    """
+    import timm
+
+    from bigmodel.models import check_pretrained, resolve_pretrained_file
+
+    backbone = cfg.model.backbone
+    if backbone.pretrained is None or not timm.is_model(backbone.name):
+        return []
+    try:
+        resolve_pretrained_file(backbone.pretrained, backbone.name)
+    except ConfigError:
+        return []
+    try:
+        check_pretrained(backbone)
+    except ConfigError as err:
         return [_one_line(err)]
     return []
 

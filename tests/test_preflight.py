@@ -68,6 +68,17 @@ def test_missing_pretrained_file(capsys, no_ray, shards, tmp_path):
     assert "backbone.pretrained=" in line and "no such file or folder" in line
 
 
+def test_pretrained_weights_of_another_architecture(capsys, no_ray, shards, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model("test_resnet").state_dict()  # the demo's backbone is resnet18
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    argv = [DEMO, f"data.shards={shards}", f"model.backbone.pretrained={tmp_path}", *no_ray]
+    line = _refused(capsys, argv)
+    assert "w.safetensors' does not fit timm model 'resnet18'" in line and "missing" in line
+
+
 def test_head_target_absent_from_the_manifest(capsys, no_ray, shards):
     argv = [DEMO, f"data.shards={shards}", "model.heads.lesions={type: detection}", *no_ray]
     line = _refused(capsys, argv)

@@ -12,7 +12,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bigmodel.models.backbone import Backbone, create_backbone, resolve_pretrained_file
+    from bigmodel.models.backbone import (
+        Backbone,
+        check_pretrained,
+        create_backbone,
+        resolve_pretrained_file,
+    )
     from bigmodel.models.build import build_model
     from bigmodel.models.heads import RetrievalIndex
     from bigmodel.models.multitask import MultiTaskModel
@@ -20,6 +25,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "Backbone": "bigmodel.models.backbone",
+    "check_pretrained": "bigmodel.models.backbone",
     "create_backbone": "bigmodel.models.backbone",
     "resolve_pretrained_file": "bigmodel.models.backbone",
     "build_model": "bigmodel.models.build",
@@ -36,6 +42,7 @@ __all__ = [
     "RetrievalIndex",
     "Task",
     "build_model",
+    "check_pretrained",
     "create_backbone",
     "resolve_pretrained_file",
 ]

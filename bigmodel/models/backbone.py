@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bigmodel.config import BackboneConfig, ConfigError
 
-__all__ = ["Backbone", "create_backbone", "resolve_pretrained_file"]
+__all__ = ["Backbone", "check_pretrained", "create_backbone", "resolve_pretrained_file"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # Preferred names when a folder holds several weight files (Hugging Face / timm conventions).
@@ -227,6 +227,15 @@ def _load_pretrained_state(cfg: BackboneConfig) -> dict[str, Tensor]:
     reference = _reference_model(cfg)
     state = _adapt_weights(_read_weights(path), reference, cfg)
     return _compare_weights(state, reference, cfg, path)
+
+
+def check_pretrained(cfg: BackboneConfig) -> None:
+    """Refuse ``cfg.pretrained`` unless it fits the backbone key by key (``in_chans`` set).
+
+    What :func:`create_backbone` checks before loading, without building the model: the driver
+    runs it before starting Ray, so a wrong weights file is one line there.
+    """
+    _load_pretrained_state(cfg)
 
 
 @contextmanager
