@@ -171,3 +171,16 @@ def test_ray_train_report_loggers_are_quieted_without_private_imports():
     # the report logger Ray Train V2 really has (its worker context module) is among them
     assert any(name.endswith(os.path.join("execution", "context.py")) for name in quieted)
     assert all(name.startswith(package + os.sep) for name in quieted)  # nobody else's loggers
+
+
+def test_bf16_partitions_are_this_ranks_too(remote, tmp_path):
+    """Under bf16 DeepSpeed prefixes the optimizer partitions with ``bf16_``."""
+    files = {
+        (n.replace("ds/zero_pp", "ds/bf16_zero_pp") if "optim_states" in n else n): data
+        for n, data in layout("deepspeed", 2).items()
+    }
+    target = download_for_rank(remote(files), tmp_path / "local" / "bf16", 2, WORLD)
+    assert {n for n in downloaded(target) if n.startswith("ds/")} == {
+        "ds/mp_rank_00_model_states.pt",
+        "ds/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+    }
