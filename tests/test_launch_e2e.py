@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -111,12 +112,22 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _worker_pid(workdir: Path, name: str, rank: int) -> int | None:
+def _registered(job_logs: str) -> list[int]:
+    """Steps of the checkpoints Ray Train registered: ``launch._progress`` prints
+    ``bigmodel: step N ... | checkpoint step_000000N`` after the checkpoint manager took it."""
+    return sorted({int(m) for m in re.findall(r"\| checkpoint step_(\d+)", job_logs)})
+
+
+def _worker_info(workdir: Path, name: str, rank: int) -> dict:
     path = workdir / "runs" / name / "workers" / f"rank{rank}.json"
     try:
-        return json.loads(path.read_text())["pid"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _worker_pid(workdir: Path, name: str, rank: int) -> int | None:
+    return _worker_info(workdir, name, rank).get("pid")
 
 
 def _weights(workdir: Path, name: str) -> dict[str, torch.Tensor]:
@@ -143,13 +154,17 @@ def killed_run(ray_head, workdir, shards):
         runtime_env={"working_dir": str(ROOT), "env_vars": {"DS_ACCELERATOR": "cpu"}},
     )
     try:
+        # A folder in storage is not yet a checkpoint Ray Train resumes from (killed before the
+        # controller registers it, the run restarts from step 0 and still ends with the same
+        # weights): wait for the progress line printed once the checkpoint is registered.
         first = _wait_for(
             lambda: (
-                _checkpoint_steps(workdir, name)
+                _registered(client.get_job_logs(job_id))
                 or (client.get_job_status(job_id).is_terminal() and ["terminal"])
             ),
             JOB_TIMEOUT_S,
-            "the first checkpoint in storage",
+            "the first registered checkpoint",
+            poll=0.5,
         )
         assert first != ["terminal"], client.get_job_logs(job_id)[-4000:]
         pid = _worker_pid(workdir, name, rank=1)
@@ -180,6 +195,10 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(killed_run, workdir
     )
     steps = _checkpoint_steps(workdir, name)
     assert steps[0] == killed_run["first_checkpoint"] and len(steps) >= 2
+    # the second attempt started from a checkpoint registered before the kill, not from step 0
+    resumed = _worker_info(workdir, name, rank=1).get("resumed_from")
+    assert resumed is not None, "the restarted attempt trained from scratch"
+    assert int(Path(resumed).name.split("_")[1]) >= killed_run["first_checkpoint"]
     assert (workdir / "runs" / name / "model" / "model.safetensors").is_file()
     assert "bigmodel: step" in killed_run["logs"]  # the controller's progress lines reach the job
 
