@@ -5,7 +5,8 @@
   same weights as DDP.
 * Exact resume: runs resumed from a mid-epoch checkpoint end with the uninterrupted run's
   weights (model, optimizer, scheduler, step, data position and RNG restored), for DDP and
-  ZeRO-2; a ZeRO-2 checkpoint from 2 workers resumes on 1 (consolidated fp32 weights).
+  ZeRO-2; a ZeRO-2 checkpoint from 2 workers loads on 1 with its Adam moments (universal
+  checkpoint).
 * Non-finite losses on one rank are skipped on all ranks and counted (DDP, ZeRO-2 and ZeRO-3,
   from the gradient norm, checked once per optimizer step); past the limit the run stops with
   a message.
@@ -35,6 +36,7 @@ from _engine_tiny import (
 )
 
 from bigmodel.engine import NonFiniteLossError
+from bigmodel.engine.checkpoint import consolidated_state_dict, load_checkpoint
 
 STEPS_PER_EPOCH = 3
 EVAL_SAMPLES = 7
@@ -159,15 +161,40 @@ def test_resumed_run_ends_with_uninterrupted_weights(runs: Path, kind: str):
     _assert_same(load_weights(runs / f"{kind}-from2"), load_weights(runs / kind), exact=True)
 
 
-def test_zero_checkpoint_resumes_on_fewer_workers(runs: Path, caplog):
+def test_zero_checkpoint_resumes_on_fewer_workers_with_its_adam_moments(runs: Path, caplog):
+    """A 2-worker ZeRO-2 checkpoint loads on 1 worker through DeepSpeed's universal checkpoint.
+
+    The loaded Adam moments equal the two saved partitions joined (the previous behaviour
+    re-initialised them); the weights equal the consolidated ones. Resharding with steps run
+    after each load (2 -> 1 -> 4 workers) is proven in ``test_engine_reshard.py``.
+    """
+    from bigmodel.engine._strategy import distribute, init_distributed
+
+    ckpt = Path(_ckpt(runs, "zero2", 2 * STEPS_PER_EPOCH))
+    partitions = [
+        torch.load(f, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+        for f in sorted((ckpt / "ds").glob("zero_pp_rank_*_optim_states.pt"))
+    ]
+    assert len(partitions) == 2
     deterministic()
     cfg = _config(runs, "zero2-one-worker", "zero2", workers=1)
-    with caplog.at_level("WARNING"):
-        run_fit(cfg, 0, 1, STEPS_PER_EPOCH, _ckpt(runs, "zero2", 2 * STEPS_PER_EPOCH))
+    device = torch.device("cpu")
+    init_distributed(cfg, 0, 0, 1, device)
+    torch.manual_seed(cfg.seed)
+    dm = distribute(TinyMultiTask(), cfg, 1, device, 2 * STEPS_PER_EPOCH, load_universal=True)
+    with caplog.at_level("INFO", logger="bigmodel.engine.checkpoint"):
+        load_checkpoint(dm, ckpt, 0, 1, cfg.seed, runs / "zero2-one-worker")
     torch.use_deterministic_algorithms(False)
-    assert "re-initialising the optimizer state" in caplog.text
-    # resumed at the end: no step left, so the saved model is exactly the consolidated weights
-    _assert_same(load_weights(runs / "zero2-one-worker"), load_weights(runs / "zero2"))
+    assert "resharded from the universal checkpoint" in caplog.text
+    base = dm.engine.optimizer.optimizer  # the AdamW that ZeRO steps on its flat fp32 groups
+    for group, flat in enumerate(p for g in base.param_groups for p in g["params"]):
+        size = sum(p.numel() for p in dm.engine.optimizer.bit16_groups[group])
+        for key in ("exp_avg", "exp_avg_sq"):
+            saved = torch.cat([part["state"][group][key] for part in partitions])[:size]
+            assert saved.abs().sum() > 0  # six AdamW steps left non-zero moments
+            torch.testing.assert_close(base.state[flat][key][:size], saved, rtol=0, atol=0)
+    weights = {k: v.detach() for k, v in dm.module.state_dict().items()}
+    _assert_same(weights, consolidated_state_dict(ckpt))
 
 
 @pytest.mark.parametrize("run", ["ddp-nan", "zero2-nan", "zero3-nan"])

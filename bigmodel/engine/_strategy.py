@@ -112,8 +112,12 @@ def autocast_dtype(cfg: Config) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config generated from our schema; ``distributed.deepspeed_overrides`` last."""
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config generated from our schema; ``distributed.deepspeed_overrides`` last.
+
+    ``load_universal``: the engine's ``load_checkpoint`` reads DeepSpeed's universal checkpoint
+    layout (a ZeRO resume on another world size; ``checkpoint.loads_universal``).
+    """
     dcfg = cfg.distributed
     zero: dict[str, Any] = {"stage": dcfg.zero_stage}
     if dcfg.offload_optimizer:
@@ -135,6 +139,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 cfg.train.precision
             ],
         },
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,  # the engine logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
@@ -286,7 +291,12 @@ class Distributed:
 
 
 def distribute(
-    model: nn.Module, cfg: Config, world_size: int, device: torch.device, total_steps: int
+    model: nn.Module,
+    cfg: Config,
+    world_size: int,
+    device: torch.device,
+    total_steps: int,
+    load_universal: bool = False,
 ) -> Distributed:
     """Make ``model`` a distributed training model, applying in this order:
 
@@ -297,7 +307,8 @@ def distribute(
     3. Optimizer (timm) over the plain model's parameters, at the scaled LR; then the scheduler.
     4. Wrapping: DDP (``distributed.strategy=ddp``, world size > 1), or ``deepspeed.initialize``
        with the config from :func:`deepspeed_config` (also on one worker: ZeRO-0 is then plain
-       training with DeepSpeed's checkpoint format).
+       training with DeepSpeed's checkpoint format). ``load_universal`` prepares the engine to
+       resume from a universal checkpoint (resharded ZeRO state, ``checkpoint.loads_universal``).
     """
     if cfg.train.sync_bn and world_size > 1:
         model = convert_sync_batchnorm(model, device)
@@ -344,7 +355,9 @@ def distribute(
         ds_autocast.TORCH_AUTOCAST_INITIALIZED = False
         ds_autocast.TORCH_AUTOCAST_DTYPE = None
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size)
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(cfg, world_size, load_universal),
         )
         return Distributed(strategy="deepspeed", model=engine, engine=engine, **common)
 

@@ -17,20 +17,35 @@ Ray merges them in storage) the folders combine without clashes.
 Resuming on a different number of workers:
     * DDP: the state is replicated, so it loads as is; ranks without a saved RNG state are
       seeded from (seed, rank, step), with a warning.
-    * DeepSpeed ZeRO-1/2/3: the optimizer state is partitioned by world size. We consolidate the
-      fp32 weights with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (zero_to_fp32),
-      load them into the model and **re-initialise the optimizer state** (moments restart from
-      zero), with a warning; step, scheduler and data position are restored. ZeRO-0 keeps its
-      full optimizer state and loads normally.
+    * DeepSpeed ZeRO-1/2/3 with AdamW (and LAMB under ZeRO-1/2): the optimizer state is
+      partitioned by world size, so it is resharded with DeepSpeed's universal checkpointing.
+      One process per node converts the checkpoint (``ds_to_universal``: every partition is
+      merged into one file per parameter and state) into ``{run_dir}/resume/step_XXXXXXX_universal``
+      (node-local, written under a temporary name and renamed, reused when already complete),
+      and the engine, initialised with ``checkpoint.load_universal`` (:func:`loads_universal`
+      tells the loop before ``distribute``), loads its own slice of the fp32 master weights and
+      the Adam moments. Weights, moments, step, scheduler and data position all survive, so the
+      run continues as the uninterrupted one would (up to float summation order). BatchNorm
+      buffers, which the universal format leaves out, are read from the module states.
+    * DeepSpeed with SGD or LARS (or LAMB under ZeRO-3): DeepSpeed 0.19's universal converter and
+      ZeRO-3 loader know only Adam's ``exp_avg``/``exp_avg_sq`` (and ZeRO-3 a per-parameter
+      ``step``), so these cannot be resharded: the fp32 weights are consolidated
+      (``get_fp32_state_dict_from_zero_checkpoint``, zero_to_fp32) and the optimizer state is
+      **re-initialised** (momentum restarts from zero), with a warning. ZeRO-0 keeps its full
+      optimizer state and loads normally.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import random
 import shutil
+import socket
+from argparse import Namespace
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bigmodel.config import Config
 from bigmodel.engine._strategy import Distributed
 
 __all__ = [
@@ -49,7 +65,10 @@ __all__ = [
     "full_state_dict",
     "is_complete",
     "load_checkpoint",
+    "loads_universal",
     "prune_checkpoints",
+    "read_meta",
+    "reshards_optimizer",
     "save_checkpoint",
 ]
 
@@ -57,6 +76,10 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 DS_TAG = "ds"
+# Optimizers whose state DeepSpeed 0.19's universal checkpoint can carry, per ZeRO stage: its
+# converter extracts only ``exp_avg``/``exp_avg_sq`` (+ ``step``), and its ZeRO-3 loader also
+# reads ``step`` from the per-parameter state, which timm's LAMB keeps in the param group.
+UNIVERSAL_OPTIMIZERS = {1: ("adamw", "lamb"), 2: ("adamw", "lamb"), 3: ("adamw",)}
 
 
 @dataclass
@@ -100,6 +123,42 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of a complete checkpoint; a clear error for an interrupted one."""
+    directory = Path(directory)
+    if not is_complete(directory):
+        raise FileNotFoundError(
+            f"{directory} is not a complete checkpoint (no {META}); it was interrupted while "
+            f"being written: resume from an earlier checkpoints/step_* folder"
+        )
+    return json.loads((directory / META).read_text())
+
+
+def reshards_optimizer(meta: dict[str, Any], world_size: int) -> bool:
+    """True when resuming on ``world_size`` workers must repartition ZeRO optimizer state."""
+    return (
+        meta["strategy"] == "deepspeed"
+        and meta["zero_stage"] > 0
+        and meta["world_size"] != world_size
+    )
+
+
+def loads_universal(meta: dict[str, Any], cfg: Config, world_size: int) -> bool:
+    """True when this resume goes through DeepSpeed's universal checkpoint.
+
+    The loop asks before :func:`~bigmodel.engine._strategy.distribute`, because the engine reads
+    ``checkpoint.load_universal`` at ``deepspeed.initialize``. False for a resume on the same
+    world size (the native format loads exactly) and for optimizers the universal format cannot
+    carry (:data:`UNIVERSAL_OPTIMIZERS`; those fall back to consolidated weights).
+    """
+    return (
+        cfg.distributed.strategy == "deepspeed"
+        and reshards_optimizer(meta, world_size)
+        and meta["zero_stage"] == cfg.distributed.zero_stage
+        and cfg.optim.name in UNIVERSAL_OPTIMIZERS[meta["zero_stage"]]
+    )
+
+
 def files_for_rank(meta: dict[str, Any], rank: int, world_size: int) -> list[str] | None:
     """Glob patterns (relative to a checkpoint folder) of the files ``rank`` reads to resume.
 
@@ -110,7 +169,7 @@ def files_for_rank(meta: dict[str, Any], rank: int, world_size: int) -> list[str
     common = [META, "trainer.pt", f"rng/rank_{rank:05d}.pt"]
     if meta["strategy"] != "deepspeed":
         return [*common, "model.pt"]
-    if meta["world_size"] != world_size and meta["zero_stage"] > 0:
+    if reshards_optimizer(meta, world_size):
         return None
     own = f"{DS_TAG}/*zero_pp_rank_{rank}_mp_rank_*"  # this rank's partitions (any precision)
     if meta["zero_stage"] == 3:
@@ -189,28 +248,35 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    dm: Distributed, directory: str | Path, rank: int, world_size: int, seed: int
+    dm: Distributed,
+    directory: str | Path,
+    rank: int,
+    world_size: int,
+    seed: int,
+    run_dir: Path | None = None,
+    local_rank: int = 0,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Restore model, optimizer, scheduler and scaler; return the counters and this rank's RNG.
 
     The RNG state is returned rather than applied: the loop applies it after it has moved the
     data loader to the saved position, so the run continues exactly where it stopped.
+
+    Args:
+        run_dir: the run's folder; a ZeRO resume on another world size writes its universal
+            conversion under ``run_dir/resume`` (the checkpoint folder itself may be read-only
+            or shared storage). Defaults to the checkpoint folder's parent.
+        local_rank: this worker's index on its node; local rank 0 converts for the node.
     """
     directory = Path(directory)
-    if not is_complete(directory):
-        raise FileNotFoundError(
-            f"{directory} is not a complete checkpoint (no {META}); it was interrupted while "
-            f"being written: resume from an earlier checkpoints/step_* folder"
-        )
-    meta = json.loads((directory / META).read_text())
+    meta = read_meta(directory)
     if meta["strategy"] != dm.strategy:
         raise ValueError(
             f"{directory} was written by strategy {meta['strategy']!r} but this run uses "
             f"{dm.strategy!r}: set distributed.strategy={meta['strategy']} to resume"
         )
-    same_world = meta["world_size"] == world_size
     if dm.engine is not None:
-        _load_deepspeed(dm, directory, meta, same_world)
+        scratch = run_dir if run_dir is not None else directory.parent
+        _load_deepspeed(dm, directory, meta, scratch, local_rank)
     else:
         saved = torch.load(directory / "model.pt", map_location=dm.device, weights_only=False)
         dm.module.load_state_dict(saved["model"])
@@ -240,25 +306,135 @@ def load_checkpoint(
     return state, rng
 
 
-def _load_deepspeed(dm: Distributed, directory: Path, meta: dict[str, Any], same: bool) -> None:
-    if same or meta["zero_stage"] == 0:
-        path, _ = dm.engine.load_checkpoint(
+def _load_deepspeed(
+    dm: Distributed, directory: Path, meta: dict[str, Any], scratch: Path, local_rank: int
+) -> None:
+    engine = dm.engine
+    if not reshards_optimizer(meta, dm.world_size):
+        path, _ = engine.load_checkpoint(
             str(directory), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory}/{DS_TAG}")
         return
+    if engine.load_universal_checkpoint():
+        universal = _universal_checkpoint(directory, meta, scratch, local_rank)
+        log.info(
+            "resuming a ZeRO-%d checkpoint written by %d workers on %d: weights and optimizer "
+            "state resharded from the universal checkpoint %s",
+            meta["zero_stage"],
+            meta["world_size"],
+            dm.world_size,
+            universal,
+        )
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in dm.optimizer.param_groups]
+        path, _ = engine.load_checkpoint(
+            str(universal), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no universal checkpoint under {universal}")
+        if dm.zero_stage == 3:
+            # DeepSpeed's ZeRO-3 universal loader copies the FIRST param group's values
+            # (weight decay, LR scale) into every group; ours differ (no decay on norms and
+            # biases, layer decay), and come from the config anyway: put them back.
+            for group, own in zip(dm.optimizer.param_groups, groups, strict=True):
+                group.update(own)
+            # It also hands every group's state the SAME ``step`` tensor, which AdamW
+            # increments in place: each optimizer step would count once per group, and
+            # Adam's bias correction would drift. One tensor per state, as a fresh run has.
+            for param_state in dm.engine.optimizer.optimizer.state.values():
+                if torch.is_tensor(param_state.get("step")):
+                    param_state["step"] = param_state["step"].clone()
+        _load_buffers(dm, universal / DS_TAG)
+        return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     log.warning(
-        "resuming a ZeRO-%d checkpoint written by %d workers on %d: loading consolidated fp32 "
-        "weights (zero_to_fp32) and re-initialising the optimizer state",
+        "resuming a ZeRO-%d checkpoint written by %d workers on %d workers at ZeRO-%d with %s: "
+        "DeepSpeed's universal checkpoint (Adam moments only, same stage) cannot carry this "
+        "optimizer's state, so the consolidated fp32 weights (zero_to_fp32) are loaded and the "
+        "optimizer state is re-initialised",
         meta["zero_stage"],
         meta["world_size"],
         dm.world_size,
+        dm.zero_stage,
+        type(dm.optimizer).__name__,
     )
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DS_TAG)
     _load_full_state_dict(dm, state_dict)
+
+
+def _universal_checkpoint(
+    directory: Path, meta: dict[str, Any], scratch: Path, local_rank: int
+) -> Path:
+    """The universal form of a ZeRO checkpoint, converted once per node. Collective.
+
+    Local rank 0 of each node converts (every node needs the files its ranks load; the other
+    ranks wait at the barrier) into ``scratch/resume/step_XXXXXXX_universal``: written under a
+    name unique to this process, then renamed, so a folder with that name is complete. A folder
+    converted earlier from the same checkpoint (same ``meta.json``) is reused; when nodes share
+    ``scratch``, the first rename wins and the others discard their copy.
+    """
+    target = scratch / "resume" / f"{directory.name}_universal"
+    if local_rank == 0 and not _converted_from(target, meta):
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        args = Namespace(
+            input_folder=str(directory / DS_TAG),
+            output_folder=str(tmp / DS_TAG),
+            # in this process: a process pool would fork a worker holding the process group
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            # our engine saves no universal_checkpoint_info (no tensor/pipeline parallelism)
+            inject_missing_state=True,
+        )
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # its step-by-step prints; tqdm stays
+            ds_to_universal.main(args)
+        log.debug("ds_to_universal %s:\n%s", directory, printed.getvalue())
+        shutil.copy2(directory / META, tmp / META)  # says which checkpoint it came from
+        if target.exists() and not _converted_from(target, meta):
+            shutil.rmtree(target, ignore_errors=True)  # a stale conversion of another run
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _converted_from(target, meta):  # not "another node renamed first"
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    if not _converted_from(target, meta):
+        raise FileNotFoundError(
+            f"{target}: no universal checkpoint after conversion on this node; the run "
+            f"directory must be writable by local rank 0 and visible to the node's other ranks"
+        )
+    return target
+
+
+def _converted_from(target: Path, meta: dict[str, Any]) -> bool:
+    marker = target / META
+    return marker.is_file() and json.loads(marker.read_text()) == meta
+
+
+def _load_buffers(dm: Distributed, ds_dir: Path) -> None:
+    """Load BatchNorm statistics (buffers) from DeepSpeed's module states file.
+
+    DeepSpeed's universal load restores parameters only (buffers have no optimizer state);
+    every stage saves them whole in its model states (ZeRO-1/2: ``mp_rank_00_model_states.pt``,
+    ZeRO-3: one ``zero_pp_rank_R_mp_rank_00_model_states.pt`` per rank, parameters partitioned).
+    """
+    files = sorted(ds_dir.glob("*mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{ds_dir}: no DeepSpeed model-states file")
+    # DeepSpeed pickles its config beside the weights; this is our own checkpoint.
+    module_state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    for name, buf in dm.module.named_buffers():
+        if name in module_state:
+            buf.copy_(module_state[name])
 
 
 def _load_full_state_dict(dm: Distributed, state_dict: dict[str, torch.Tensor]) -> None:

@@ -35,7 +35,9 @@ from bigmodel.engine.checkpoint import (
     checkpoint_dir,
     full_state_dict,
     load_checkpoint,
+    loads_universal,
     prune_checkpoints,
+    read_meta,
     save_checkpoint,
     set_rng_state,
 )
@@ -128,14 +130,21 @@ def fit(
     if rank == 0:
         cfg.save(run_dir / "config.yaml")  # the resolved config, beside the checkpoints
 
-    dm = distribute(model, cfg, world_size, device, total_steps)
+    resume_from = session.latest_checkpoint()
+    # Read before distribute: a ZeRO resume on another world size reshards the optimizer state
+    # through DeepSpeed's universal checkpoint, a mode the engine fixes at initialize.
+    universal = resume_from is not None and loads_universal(
+        read_meta(resume_from), cfg, world_size
+    )
+    dm = distribute(model, cfg, world_size, device, total_steps, load_universal=universal)
     if metrics is not None:
         metrics = metrics.to(device)
     window = ContrastiveWindow(dm, accumulation)  # empty unless a loss sees whole windows
     state, rng = TrainState(), None
-    resume_from = session.latest_checkpoint()
     if resume_from is not None:
-        state, rng = load_checkpoint(dm, resume_from, rank, world_size, cfg.seed)
+        state, rng = load_checkpoint(
+            dm, resume_from, rank, world_size, cfg.seed, run_dir, session.local_rank
+        )
         log.info("rank %d resumed from %s at step %d", rank, resume_from, state.step)
     # a resumed run drops the rows a crashed attempt logged after its checkpoint
     logger = RunLogger(run_dir, rank, world_size, device, resume_step=state.step)
