@@ -49,10 +49,13 @@ GLOBAL_BATCH = 8
 # after six AdamW steps the weights differ by ~1e-7. Moments restarting from zero at the
 # resume (the previous behaviour) move them by ~6e-2.
 RESHARD_TOL = {"rtol": 1e-5, "atol": 1e-6}
+# DeepSpeed's default buckets (5e8 elements) are allocated and zeroed on CPU by every ZeRO-1/2
+# run of several workers: ~20 s and ~1 GB each. A tiny model needs tiny ones (same arithmetic).
+SMALL_BUCKETS = {"zero_optimization": {"reduce_bucket_size": 10**5, "allgather_bucket_size": 10**5}}
 STRATEGIES = {
     "ddp": {"strategy": "ddp"},
-    "zero2": {"strategy": "deepspeed", "zero_stage": 2},
-    "zero3": {"strategy": "deepspeed", "zero_stage": 3},
+    "zero2": {"strategy": "deepspeed", "zero_stage": 2, "deepspeed_overrides": SMALL_BUCKETS},
+    "zero3": {"strategy": "deepspeed", "zero_stage": 3, "deepspeed_overrides": SMALL_BUCKETS},
 }
 # Phases in order: (world size, {run: (strategy, optimizer, resume from (run, step) or None,
 # from a partial per-rank copy?)}). Every run trains 2 epochs x 3 steps, checkpointing every 2.
