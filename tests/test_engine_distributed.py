@@ -41,14 +41,11 @@ from bigmodel.engine.checkpoint import consolidated_state_dict, load_checkpoint
 STEPS_PER_EPOCH = 3
 EVAL_SAMPLES = 7
 PER_WORKER = 4
-# DeepSpeed's default buckets (5e8 elements) are allocated and zeroed on CPU by every ZeRO-1/2
-# run of several workers: ~20 s and ~1 GB each. A tiny model needs tiny ones (same arithmetic).
-SMALL_BUCKETS = {"zero_optimization": {"reduce_bucket_size": 10**5, "allgather_bucket_size": 10**5}}
 STRATEGIES = {
     "ddp": {"strategy": "ddp"},
-    "zero1": {"strategy": "deepspeed", "zero_stage": 1, "deepspeed_overrides": SMALL_BUCKETS},
-    "zero2": {"strategy": "deepspeed", "zero_stage": 2, "deepspeed_overrides": SMALL_BUCKETS},
-    "zero3": {"strategy": "deepspeed", "zero_stage": 3, "deepspeed_overrides": SMALL_BUCKETS},
+    "zero1": {"strategy": "deepspeed", "zero_stage": 1},
+    "zero2": {"strategy": "deepspeed", "zero_stage": 2},
+    "zero3": {"strategy": "deepspeed", "zero_stage": 3},
 }
 # run name: (strategy, resume from (run, step) or None, {rank: poisoned (epoch, batch)})
 RUNS = {

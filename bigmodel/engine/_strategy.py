@@ -107,19 +107,33 @@ def init_distributed(
     )
 
 
+DEEPSPEED_BUCKET = 500_000_000
+"""DeepSpeed's default ZeRO reduce/all-gather bucket size, in elements."""
+
+
 def autocast_dtype(cfg: Config) -> torch.dtype | None:
     """The autocast dtype of ``train.precision``; None for fp32."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
 
 
-def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: Config, world_size: int, load_universal: bool = False, num_params: int | None = None
+) -> dict[str, Any]:
     """The DeepSpeed config generated from our schema; ``distributed.deepspeed_overrides`` last.
 
-    ``load_universal``: the engine's ``load_checkpoint`` reads DeepSpeed's universal checkpoint
-    layout (a ZeRO resume on another world size; ``checkpoint.loads_universal``).
+    Args:
+        load_universal: the engine's ``load_checkpoint`` reads DeepSpeed's universal checkpoint
+            layout (a ZeRO resume on another world size; ``checkpoint.loads_universal``).
+        num_params: the model's parameter count; ZeRO's communication buckets are capped at it.
     """
     dcfg = cfg.distributed
     zero: dict[str, Any] = {"stage": dcfg.zero_stage}
+    if num_params is not None:
+        # ZeRO-1/2 allocate their reduce/all-gather buckets at full size (5e8 elements by
+        # default) whatever the model: a bucket larger than the model is never filled, and on
+        # CPU allocating and zeroing it costs ~20 s and ~1 GB per engine of several workers.
+        bucket = min(DEEPSPEED_BUCKET, max(num_params, 1))
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if dcfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if dcfg.offload_params:
@@ -357,7 +371,12 @@ def distribute(
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            config=deepspeed_config(cfg, world_size, load_universal),
+            config=deepspeed_config(
+                cfg,
+                world_size,
+                load_universal,
+                num_params=sum(p.numel() for p in model.parameters()),
+            ),
         )
         return Distributed(strategy="deepspeed", model=engine, engine=engine, **common)
 
