@@ -8,7 +8,7 @@
   moments re-initialised (the previous behaviour) ends more than ``10^4 x`` the tolerance away.
 * DDP on 2 -> 1 -> 4 workers: ranks 1-3 of 4 find no saved RNG state (the step-4 checkpoint is
   from 1 worker) and are seeded with a warning; the weights equal the uninterrupted run's.
-* SGD/LARS under ZeRO cannot be resharded (DeepSpeed's universal format carries Adam moments
+* SGD/LARS/LAMB under ZeRO are not resharded (DeepSpeed's universal format carries Adam moments
   only): the consolidated weights load, with the warning that the optimizer state restarts.
 * A rank that holds only the files ``files_for_rank`` names (what it would download from remote
   storage) resumes exactly like one reading the whole folder (DDP, ZeRO-2, ZeRO-3).
@@ -228,9 +228,9 @@ def test_ddp_resume_on_other_world_sizes_reseeds_missing_ranks(runs: Path):
 
 
 def test_only_adam_state_is_resharded_other_optimizers_fall_back(runs: Path):
-    """SGD/LARS momentum cannot go through DeepSpeed's universal format: consolidated weights."""
-    cases = [("adamw", 2, True), ("sgd", 2, False), ("lars", 2, False), ("lamb", 2, True)]
-    cases += [("adamw", 3, True), ("lamb", 3, False)]  # ZeRO-3 also reads a per-state step
+    """SGD/LARS/LAMB state does not go through DeepSpeed's universal format: consolidated weights."""
+    cases = [("adamw", 2, True), ("sgd", 2, False), ("lars", 2, False), ("lamb", 2, False)]
+    cases += [("adamw", 3, True), ("lamb", 3, False)]
     for optimizer, zero, expected in cases:
         meta = read_meta(_ckpt(runs, f"zero{zero}", 2))
         cfg = _config(runs, "any", f"zero{zero}", optimizer, 1)

@@ -17,8 +17,8 @@ Ray merges them in storage) the folders combine without clashes.
 Resuming on a different number of workers:
     * DDP: the state is replicated, so it loads as is; ranks without a saved RNG state are
       seeded from (seed, rank, step), with a warning.
-    * DeepSpeed ZeRO-1/2/3 with AdamW (and LAMB under ZeRO-1/2): the optimizer state is
-      partitioned by world size, so it is resharded with DeepSpeed's universal checkpointing.
+    * DeepSpeed ZeRO-1/2/3 with AdamW: the optimizer state is partitioned by world size, so it
+      is resharded with DeepSpeed's universal checkpointing.
       One process per node converts the checkpoint (``ds_to_universal``: every partition is
       merged into one file per parameter and state) into ``{run_dir}/resume/step_XXXXXXX_universal``
       (node-local, written under a temporary name and renamed, reused when already complete),
@@ -27,10 +27,10 @@ Resuming on a different number of workers:
       the Adam moments. Weights, moments, step, scheduler and data position all survive, so the
       run continues as the uninterrupted one would (up to float summation order). BatchNorm
       buffers, which the universal format leaves out, are read from the module states.
-    * DeepSpeed with SGD or LARS (or LAMB under ZeRO-3): DeepSpeed 0.19's universal converter and
-      ZeRO-3 loader know only Adam's ``exp_avg``/``exp_avg_sq`` (and ZeRO-3 a per-parameter
-      ``step``), so these cannot be resharded: the fp32 weights are consolidated
-      (``get_fp32_state_dict_from_zero_checkpoint``, zero_to_fp32) and the optimizer state is
+    * DeepSpeed with SGD, LARS or LAMB: DeepSpeed 0.19's universal converter and ZeRO-3 loader
+      know only Adam's ``exp_avg``/``exp_avg_sq`` (and ZeRO-3 a per-parameter ``step``; see
+      :data:`UNIVERSAL_OPTIMIZERS` for LAMB), so these are not resharded: the fp32 weights are
+      consolidated (``get_fp32_state_dict_from_zero_checkpoint``, zero_to_fp32) and the state is
       **re-initialised** (momentum restarts from zero), with a warning. ZeRO-0 keeps its full
       optimizer state and loads normally.
 """
@@ -76,10 +76,12 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 DS_TAG = "ds"
-# Optimizers whose state DeepSpeed 0.19's universal checkpoint can carry, per ZeRO stage: its
+# Optimizers whose state DeepSpeed 0.19's universal checkpoint carries, per ZeRO stage: its
 # converter extracts only ``exp_avg``/``exp_avg_sq`` (+ ``step``), and its ZeRO-3 loader also
-# reads ``step`` from the per-parameter state, which timm's LAMB keeps in the param group.
-UNIVERSAL_OPTIMIZERS = {1: ("adamw", "lamb"), 2: ("adamw", "lamb"), 3: ("adamw",)}
+# reads ``step`` from the per-parameter state, which timm's LAMB keeps in the param group. LAMB
+# under ZeRO-1/2 converts, but its trust ratio is taken over each rank's flat partition, so a
+# LAMB run depends on the world size anyway and its reshard was not verified: AdamW only.
+UNIVERSAL_OPTIMIZERS = {1: ("adamw",), 2: ("adamw",), 3: ("adamw",)}
 
 
 @dataclass
