@@ -355,6 +355,14 @@ def distribute(
             message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
             category=FutureWarning,
         )
+        if device.type == "cpu":
+            # DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce for CPU
+            # *inference* (inference_all_reduce) when it starts: about a minute of C++ build on
+            # every fresh machine (and a compiler), for an op training never calls (ZeRO's
+            # collectives go through torch.distributed/gloo). Marking it unavailable skips it.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(
             dist_backend=_backend(cfg, device),
             auto_mpi_discovery=False,

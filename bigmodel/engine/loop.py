@@ -133,9 +133,7 @@ def fit(
     resume_from = session.latest_checkpoint()
     # Read before distribute: a ZeRO resume on another world size reshards the optimizer state
     # through DeepSpeed's universal checkpoint, a mode the engine fixes at initialize.
-    universal = resume_from is not None and loads_universal(
-        read_meta(resume_from), cfg, world_size
-    )
+    universal = resume_from is not None and loads_universal(read_meta(resume_from), cfg, world_size)
     dm = distribute(model, cfg, world_size, device, total_steps, load_universal=universal)
     if metrics is not None:
         metrics = metrics.to(device)
