@@ -300,6 +300,9 @@ def test_zero_buckets_are_capped_at_the_model_size(tmp_path: Path):
 
     cfg = _config(tmp_path, "buckets", "zero2", "adamw", 2)
     zero = deepspeed_config(cfg, 2, num_params=860)["zero_optimization"]
-    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 860
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1024
+    # an odd parameter count still gives a bucket ZeRO accepts (a multiple of its alignment)
+    odd = deepspeed_config(cfg, 2, num_params=1001)["zero_optimization"]
+    assert odd["allgather_bucket_size"] % 2 == 0 and odd["allgather_bucket_size"] >= 1001
     big = deepspeed_config(cfg, 2, num_params=10**10)["zero_optimization"]
     assert big["reduce_bucket_size"] == 500_000_000  # DeepSpeed's default for large models

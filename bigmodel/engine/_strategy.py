@@ -132,7 +132,9 @@ def deepspeed_config(
         # ZeRO-1/2 allocate their reduce/all-gather buckets at full size (5e8 elements by
         # default) whatever the model: a bucket larger than the model is never filled, and on
         # CPU allocating and zeroing it costs ~20 s and ~1 GB per engine of several workers.
-        bucket = min(DEEPSPEED_BUCKET, max(num_params, 1))
+        # rounded up to a multiple of 256: ZeRO asserts the all-gather bucket is a multiple of
+        # its 2-element (4-byte) alignment, and an odd parameter count is not
+        bucket = min(DEEPSPEED_BUCKET, -(-max(num_params, 1) // 256) * 256)
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if dcfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
