@@ -70,7 +70,13 @@ def shards(workdir) -> Path:
     return out
 
 
-def _sweep_file(workdir: Path, shards: Path, name: str) -> Path:
+def _sweep_file(
+    workdir: Path,
+    shards: Path,
+    name: str,
+    rates: tuple[float, ...] = (3e-3, 1e-2, 1e-6, 1e-7),
+    concurrent: int = 2,
+) -> Path:
     spec = {
         "name": name,
         "base": str(ROOT / "configs" / "demo.yaml"),
@@ -80,8 +86,8 @@ def _sweep_file(workdir: Path, shards: Path, name: str) -> Path:
         "searcher": "grid",
         "num_samples": 1,
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "space": {"optim.lr": {"type": "grid", "values": [3e-3, 1e-2, 1e-6, 1e-7]}},
-        "max_concurrent_trials": 2,
+        "space": {"optim.lr": {"type": "grid", "values": list(rates)}},
+        "max_concurrent_trials": concurrent,
         "output_dir": str(workdir / "sweeps"),
     }
     path = workdir / f"{name}.yaml"
@@ -178,7 +184,9 @@ def _stop_tree(proc: subprocess.Popen, children: list[psutil.Process]) -> None:
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(workdir, shards, subprocess_env):
-    sweep = _sweep_file(workdir, shards, "resumed")
+    # two trials, one at a time: the first finishes before the kill, the second only after
+    # the resume (the smallest sweep that proves finished trials are not rerun)
+    sweep = _sweep_file(workdir, shards, "resumed", rates=(3e-3, 1e-2), concurrent=1)
     sweep_dir = workdir / "sweeps" / "resumed"
     log = (workdir / "resumed-1.log").open("w")
     proc = subprocess.Popen(
@@ -223,7 +231,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(workdir, shards,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     trials = _trials(sweep_dir)
-    assert len(trials) == 4 and all(t["status"] in ("completed", "stopped") for t in trials)
+    assert len(trials) == 2 and all(t["status"] in ("completed", "stopped") for t in trials)
+    assert len(before) < 2, "both trials finished before the kill: the resume proved nothing"
     for name, (worker, metrics) in before.items():
         run_dir = sweep_dir / "trials" / name
         assert (run_dir / "workers" / "rank0.json").read_text() == worker, f"{name} ran again"
