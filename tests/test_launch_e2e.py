@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The demo config, shrunk: a tiny timm ResNet at 32 px, DeepSpeed ZeRO-2 as in `make demo` (the
 # harder path: sharded optimizer state saved by every rank, and the 1-worker resume goes through
-# DeepSpeed's fp32 consolidation), a checkpoint every 3 steps. DDP is covered by the engine tests.
+# DeepSpeed's universal checkpoint, AdamW moments included), a checkpoint every 3 steps. DDP is covered by the engine tests.
 TINY = [
     "model.backbone.name=test_resnet",
     "model.heads.organs.decoder_channels=8",
