@@ -325,8 +325,9 @@ def run_bigmodel(args: argparse.Namespace, shards: Path, out: Path) -> dict:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu"}
     # On a shared machine Ray's memory monitor may kill the worker for other processes' memory.
     env.setdefault("RAY_memory_usage_threshold", "0.99")
-    cmd = [str(Path(sys.executable).parent / "bigmodel-train"), str(config)]
-    print("$ " + " ".join(["bigmodel-train", str(config)]), flush=True)
+    overrides = list(getattr(args, "set", None) or [])
+    cmd = [str(Path(sys.executable).parent / "bigmodel-train"), str(config), *overrides]
+    print("$ " + " ".join(["bigmodel-train", str(config), *overrides]), flush=True)
     started = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     ended = time.time()
@@ -337,6 +338,7 @@ def run_bigmodel(args: argparse.Namespace, shards: Path, out: Path) -> dict:
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     times = {r["name"][5:]: float(r["value"]) for r in rows if r["name"].startswith("time/")}
     val = [float(r["value"]) for r in rows if r["name"] == "val/tissue/dice_mean"]
+    train_loss = [float(r["value"]) for r in rows if r["name"] == "loss/total"]
     worker = json.loads((run_dir / "workers" / "rank0.json").read_text())
     local = run_dir / "checkpoints"
     ckpts = sorted(local.glob("step_*")) if local.is_dir() else []  # Ray holds a copy of each
@@ -357,6 +359,8 @@ def run_bigmodel(args: argparse.Namespace, shards: Path, out: Path) -> dict:
         "checkpoints": len(ckpts),
         "after_worker_s": ended - worker["finished"],
         "val_dice_logged": val[-1] if val else float("nan"),
+        "val_curve": val,
+        "loss_curve": train_loss,
         "model_dir": run_dir / "model",
     }
 
@@ -495,7 +499,7 @@ def compare_decoders(args: argparse.Namespace) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_e2e", description=__doc__)
     parser.add_argument(
-        "mode", nargs="?", default="compare", choices=["compare", "baseline", "decoders"]
+        "mode", nargs="?", default="compare", choices=["compare", "baseline", "decoders", "swings"]
     )
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps of each run")
     parser.add_argument("--batch", type=int, default=8)

@@ -349,6 +349,13 @@ class TrainConfig(_Strict):
     to ``model/``; None saves the weights at the end of the run."""
     best_mode: Literal["max", "min"] = "max"
     """Whether a higher or a lower ``best_metric`` is better."""
+    ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)
+    """Keep an exponential moving average of the weights and buffers (timm's ``ModelEmaV3``
+    with its warmup, so a short run's average starts short: decay ``1 - (1 + step) ** -2/3``
+    until it reaches this value). Evaluation scores the average, ``best_metric`` ranks it and
+    ``model/`` holds it: one step's weights under a high learning rate are noise around it.
+    None trains and saves the raw weights. ZeRO-3 partitions the parameters, so there the
+    default is None and a value is refused."""
     output_dir: str = "runs"
     """Where runs write config.yaml, logs, curves and checkpoints (a local folder)."""
 
@@ -447,6 +454,19 @@ class Config(_Strict):
     distributed: DistributedConfig = DistributedConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _ema_fits_strategy(self) -> Config:
+        if self.train.ema_decay is not None and self.distributed.zero_stage == 3:
+            if "ema_decay" in self.train.model_fields_set:
+                raise ValueError(
+                    "train.ema_decay: the weight average needs whole parameters on every rank, "
+                    "and ZeRO-3 partitions them; set train.ema_decay=null or "
+                    "distributed.zero_stage=2"
+                )
+            # the default: ZeRO-3 runs train and save the raw weights
+            self.train = self.train.model_copy(update={"ema_decay": None})
+        return self
 
     @property
     def global_batch_size(self) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from sharding import format as fmt
-from sharding._stats import ChannelStats
+from sharding._stats import ChannelStats, volume_intensity
 from sharding.records import Reader, SourceError, SourceItem, Volume
 
 AXES = {"z": 0, "y": 1, "x": 2}
@@ -105,6 +105,10 @@ def _encode_item(item: SourceItem, vol: Volume, plan: SamplePlan) -> ItemResult:
     ]
     meta["source"] = _relative(image_file, plan.source_root)
     meta["source_id"] = item.source_id
+    # Per-volume intensity statistics (per source channel), on every sample of the volume: a
+    # slice is normalised with its patient's numbers, not with its own (bigmodel.data.intensity).
+    volume_stats = volume_intensity(image)
+    meta["intensity"] = {k: v for k, v in volume_stats.items() if k != "nonzero_crop"}
 
     result = ItemResult(item.source_id, stats=ChannelStats(0), dtype=str(image.dtype))
     result.modality = str(meta.get("modality", "") or "").upper()
@@ -146,6 +150,8 @@ def _encode_item(item: SourceItem, vol: Volume, plan: SamplePlan) -> ItemResult:
         result.samples.append(sample)
         _count_labels(result.label_counts, cls, item.boxes, msk, plan.tasks)
     result.channel_names = _stacked_names(channel_names, plan, image.ndim)
+    if result.samples:
+        result.stats.nonzero_crops.append(volume_stats["nonzero_crop"])
     return result
 
 

@@ -12,6 +12,14 @@ apart (``foreground``): nnU-Net's CT normalisation clips to the foreground's 0.5
 and z-scores with its mean/std, so that air and the table do not set the scale. The smallest and
 largest image sides are kept too, so a reader can refuse a resize that would change the spacing
 too much before it reads any pixel.
+
+:func:`volume_intensity` is the per-*volume* record (nnU-Net's per-case statistics): mean and std
+per channel over the whole volume and over its non-zero region, written into every sample's
+``meta.json`` at shard time and computed the same way by ``bigmodel-predict`` from a whole input
+volume, so that every slice of one patient is normalised with the same numbers. The fraction of
+the volume that its non-zero bounding box holds is collected per volume
+(:attr:`ChannelStats.nonzero_crops`); its median decides, as in nnU-Net's planner, whether the
+z-score is taken within the non-zero region (``use_mask_for_norm``).
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class ChannelStats:
     """Smallest spatial size seen per dimension (``[H, W]`` for 2D samples)."""
     side_max: list[int] | None = None
     """Largest spatial size seen per dimension."""
+    nonzero_crops: list[float] = field(default_factory=list)
+    """Per volume: its non-zero bounding box's share of the volume (:func:`volume_intensity`)."""
 
     def __post_init__(self) -> None:
         if self.mean is None:
@@ -103,6 +113,7 @@ class ChannelStats:
 
     def merge(self, other: ChannelStats) -> None:
         """Fold ``other`` into this one (exact for mean/std; bottom-k union for the sample)."""
+        self.nonzero_crops = self.nonzero_crops + list(other.nonzero_crops)
         if other.count == 0:
             return
         if other.side_min is not None:
@@ -146,6 +157,8 @@ class ChannelStats:
         }
         if self.side_min is not None:
             summary["image_size"] = {"min": self.side_min, "max": self.side_max}
+        if self.nonzero_crops:
+            summary["nonzero_crop"] = float(np.median(self.nonzero_crops))
         if self.foreground is not None and self.foreground.count:
             foreground = self.foreground.summary()
             foreground.pop("image_size", None)
@@ -164,6 +177,7 @@ class ChannelStats:
             "foreground": self.foreground.to_state() if self.foreground is not None else None,
             "side_min": self.side_min,
             "side_max": self.side_max,
+            "nonzero_crops": list(self.nonzero_crops),
         }
 
     @classmethod
@@ -181,7 +195,37 @@ class ChannelStats:
             cls.from_state(foreground) if foreground else None,
             state.get("side_min"),
             state.get("side_max"),
+            list(state.get("nonzero_crops") or []),
         )
+
+
+def volume_intensity(image: np.ndarray) -> dict[str, Any]:
+    """Per-channel statistics of one whole volume (or 2D image) ``[C, ...]``, for ``meta.json``.
+
+    ``mean``/``std`` are over every voxel; ``nonzero_mean``/``nonzero_std`` over the voxels where
+    any channel is non-zero (nnU-Net's ``create_nonzero_mask``: skull-stripped MR, or the field
+    of view of a registered scan); ``nonzero_crop`` is the share of the volume that the non-zero
+    region's bounding box holds.
+    """
+    flat = image.reshape(image.shape[0], -1).astype(np.float64)
+    nonzero = (image != 0).any(axis=0)
+    inside = flat[:, nonzero.ravel()] if nonzero.any() else flat
+    crop = 1.0
+    if nonzero.any():
+        extent = [
+            np.flatnonzero(nonzero.any(axis=tuple(a for a in range(nonzero.ndim) if a != d)))
+            for d in range(nonzero.ndim)
+        ]
+        crop = float(
+            np.prod([(e[-1] - e[0] + 1) / n for e, n in zip(extent, nonzero.shape, strict=True)])
+        )
+    return {
+        "mean": [float(v) for v in flat.mean(axis=1)],
+        "std": [float(v) for v in flat.std(axis=1)],
+        "nonzero_mean": [float(v) for v in inside.mean(axis=1)],
+        "nonzero_std": [float(v) for v in inside.std(axis=1)],
+        "nonzero_crop": crop,
+    }
 
 
 def _b64(arr: np.ndarray) -> str:

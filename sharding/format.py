@@ -17,7 +17,9 @@ member              content
 ``mask.npy``        integer label map ``[H, W]`` or ``[D, H, W]``
 ``boxes.json``      ``{"boxes": [[x1, y1, x2, y2], ...], "labels": [int, ...]}`` in pixels
 ``group``           ASCII patient id (a salted hash for DICOM); never the patient's name
-``meta.json``       modality, spacing, orientation, source, slice index, axis, window
+``meta.json``       modality, spacing, orientation, source, slice index, axis, window, and
+                    ``intensity``: the statistics of the sample's whole volume
+                    (:func:`volume_intensity`), the same on every slice of it
 ==================  ==========================================================================
 
 A sample carries only the task members it has labels for (partial labels are normal).
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sharding._schema import REBUILD, ManifestFormatError, _Fields, _maybe, _Record
+from sharding._stats import volume_intensity  # noqa: F401  (meta.json "intensity" is its output)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "dataset.json"
@@ -276,6 +279,10 @@ class IntensityStats(_Record):
     foreground: IntensityStats | None = None
     """The same over labelled (mask > 0) pixels: what ``data.intensity=ct`` clips and
     normalises with."""
+    nonzero_crop: float | None = None
+    """Median over volumes of the share of a volume its non-zero bounding box holds. Below 0.75
+    (nnU-Net's rule) ``data.intensity=mr`` z-scores each volume within its non-zero region.
+    Present only in builds that record per-volume statistics in ``meta.json`` (``intensity``)."""
 
     @classmethod
     def from_fields(cls, f: _Fields, channels: int | None = None) -> IntensityStats:
@@ -294,6 +301,7 @@ class IntensityStats(_Record):
             percentiles_from=f.get("percentiles_from", str),
             image_size=_maybe(ImageSize.from_fields, f.obj("image_size")),
             foreground=_maybe(cls.from_fields, f.obj("foreground"), channels),
+            nonzero_crop=f.get("nonzero_crop", float),
         )
 
 

@@ -158,7 +158,11 @@ def _display_arrays(sample: dict[str, Any], manifest: fmt.DatasetManifest):
 
 
 def preview_intensity(
-    values: np.ndarray, scheme: str, manifest: dict[str, Any], window: dict | None = None
+    values: np.ndarray,
+    scheme: str,
+    manifest: dict[str, Any],
+    window: dict | None = None,
+    volume: dict | None = None,
 ) -> np.ndarray:
     """``values`` (one channel's raw pixels of one image) as ``data.intensity=scheme`` makes them.
 
@@ -180,8 +184,17 @@ def preview_intensity(
         else:
             raise ValueError("ct_window: this sample has no DICOM window; name one")
         return (np.clip(values, center - width / 2, center + width / 2) - center) / (width / 2)
-    if name == "mr":
+    if name == "image":
         return (values - values.mean()) / max(float(values.std()), 1e-6)
+    if name == "mr":
+        crop = stats.get("nonzero_crop")
+        region = named or ("nonzero" if crop is not None and crop < 0.75 else "all")
+        if not volume:
+            raise ValueError("mr: this sample has no volume statistics (meta.json intensity)")
+        prefix = "nonzero_" if region == "nonzero" else ""
+        std = max(float(volume[prefix + "std"][0]), 1e-6)
+        out = (values - volume[prefix + "mean"][0]) / std
+        return np.where(values != 0, out, 0.0) if region == "nonzero" else out
     source = (stats.get("foreground") or stats) if name == "ct" else stats
     if name == "ct":
         values = np.clip(values, source["p0_5"][0], source["p99_5"][0])
@@ -210,7 +223,11 @@ def save_histograms(root: str | Path, n: int, out: str | Path, scheme: str = "au
             image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
         meta = json.loads(sample.get(fmt.META, b"{}"))
         raw.append(image[0].ravel())
-        done.append(preview_intensity(image[0].ravel(), scheme, as_json, meta.get("window")))
+        done.append(
+            preview_intensity(
+                image[0].ravel(), scheme, as_json, meta.get("window"), meta.get("intensity")
+            )
+        )
     if not raw:
         raise SourceError(str(root), "has no samples to draw", "build the shards first")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))

@@ -8,6 +8,7 @@ them too, whatever the machine's speed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,26 @@ def test_resume_past_the_end_of_a_shorter_epoch_goes_on_with_the_next(tmp_path: 
     # epoch 0 is over (3 >= 2 steps); epoch 1 runs its 2 steps
     assert figures["step"] == 5.0
     assert [Path(c).name for c in session.checkpoints] == ["step_0000004", "step_0000005"]
+
+
+def test_resume_past_the_end_of_the_last_epoch_still_evaluates_and_reports(tmp_path: Path):
+    """A checkpoint at step 3 of a 4-step epoch, resumed where the (last) epoch has 2 steps:
+    no step is left, but the final evaluation, report and model card are still owed."""
+    from _engine_tiny import run_fit, tiny_config
+
+    train = {"epochs": 1, "checkpoint_every": 1, "eval_every": 1}
+    run_fit(tiny_config(tmp_path, "long", train=train), 0, 1, batches=4, eval_total=6)
+    figures, session = run_fit(
+        tiny_config(tmp_path, "short", train=train),
+        0,
+        1,
+        batches=2,
+        resume_from=str(tmp_path / "long/checkpoints/step_0000003"),
+        eval_total=6,
+    )
+    assert session.history, "the resumed run reported nothing"
+    last = session.history[-1]
+    assert last["step"] == 3.0 and last["val/num_samples"] == 6.0
+    assert "val/diag/accuracy" in figures
+    card = json.loads((tmp_path / "short" / "model" / "model_card.json").read_text())
+    assert "val/diag/accuracy" in json.dumps(card)

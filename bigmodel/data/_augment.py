@@ -119,7 +119,9 @@ class SampleTransform:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         image = sample["image"]
         if self.intensity is not None:
-            image = apply_intensity(image, self.intensity, sample.get("window"))
+            image = apply_intensity(
+                image, self.intensity, sample.get("window"), sample.get("volume")
+            )
         if self.geometry is None:
             return dict(sample, image=image)
         height, width = image.shape[-2:]

@@ -80,6 +80,8 @@ class SampleDecoder:
         meta = sample.get(META)
         if isinstance(meta, dict) and meta.get("window"):
             out["window"] = meta["window"]  # the DICOM window, for data.intensity=ct_window
+        if isinstance(meta, dict) and meta.get("intensity"):
+            out["volume"] = meta["intensity"]  # its volume's statistics, for data.intensity=mr
         if "cls" in self.tasks:
             out["cls"], out["has"]["cls"] = self._cls(sample)
         if "mask" in self.tasks:

@@ -10,9 +10,18 @@ Schemes (``data.intensity``):
   ``window``), then map it to [-1, 1]; ``ct_window:NAME`` uses a named preset
   (``sharding.format.CT_WINDOWS``: lung, mediastinum, brain, bone, abdomen) and
   ``ct_window:C,W`` any center/width in HU.
-* ``mr``: per-image z-score per channel (MR intensities have no absolute unit, so dataset-wide
-  statistics mean little; nnU-Net does the same).
-* ``dataset``: z-score with the manifest's per-channel mean/std (any modality; the old default).
+* ``mr``: nnU-Net's ``ZScoreNormalization``: a z-score per channel with the statistics of the
+  sample's whole *volume* (its patient's scan), which ``bigmodel-shard build`` recorded in every
+  sample's ``meta.json`` (``intensity``) and ``bigmodel-predict`` computes from the whole input.
+  MR has no absolute unit, so each scan gets its own scale, and every slice of one scan the same
+  one: a slice through the top of the head, mostly background, is not stretched differently from
+  one through the middle. Within the non-zero region (``mr:nonzero``; voxels outside it become
+  0) when the manifest's median non-zero bounding box holds under 75 % of a volume (nnU-Net's
+  ``use_mask_for_norm``: skull-stripped or registered scans), else over every voxel
+  (``mr:all``); ``mr`` picks, ``mr:nonzero`` / ``mr:all`` force either.
+* ``image``: a z-score per channel over each 2D sample alone (what ``mr`` meant before per-volume
+  statistics; right only when a sample is a whole image, never for slices of a volume).
+* ``dataset``: z-score with the manifest's per-channel mean/std (any modality).
 * ``none``: raw values.
 * ``auto``: ``ct`` for CT, ``mr`` for MR, else ``dataset`` (modality from ``dataset.json``).
 
@@ -34,7 +43,12 @@ from sharding.format import CT_WINDOWS, default_intensity
 
 __all__ = ["SCHEMES", "IntensitySpec", "apply_intensity", "intensity_spec"]
 
-SCHEMES = ("auto", "ct", "ct_window", "mr", "dataset", "none")
+SCHEMES = ("auto", "ct", "ct_window", "mr", "image", "dataset", "none")
+MR_REGIONS = ("nonzero", "all")
+# nnU-Net's planner z-scores within the non-zero mask when cropping to it shrinks the median
+# case to under 3/4 of its size (ExperimentPlanner.determine_normalization_scheme_and_whether_
+# mask_is_used_for_norm).
+NONZERO_CROP_FOR_MASK = 0.75
 _CT_ONLY = ("ct", "ct_window")
 # Values below this (HU) exist in every CT with air in the field of view; a "CT" whose 0.5th
 # percentile is far above it is probably already rescaled (e.g. 0-255), and HU windows would
@@ -48,7 +62,7 @@ class IntensitySpec:
     """A resolved intensity scheme with the numbers it needs (JSON-able via :meth:`to_dict`)."""
 
     scheme: str
-    """``ct``, ``ct_window``, ``mr``, ``dataset`` or ``none`` (never ``auto``)."""
+    """``ct``, ``ct_window``, ``mr``, ``image``, ``dataset`` or ``none`` (never ``auto``)."""
     low: tuple[float, ...] | None = None
     """``ct``: per-channel clip floor; ``ct_window`` with a fixed window: the window floor."""
     high: tuple[float, ...] | None = None
@@ -59,6 +73,9 @@ class IntensitySpec:
     """``ct`` / ``dataset``: per-channel std divided by."""
     window: str = ""
     """``ct_window``: the preset name or ``C,W``; empty means the sample's own DICOM window."""
+    region: str = ""
+    """``mr``: ``nonzero`` or ``all``, the voxels the volume's statistics are over. Empty only in
+    records saved before per-volume statistics, whose ``mr`` was a per-image z-score."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for ``config``/model-folder JSON."""
@@ -102,10 +119,14 @@ def intensity_spec(
             statistics the scheme needs are missing from the manifest.
     """
     name, _, window = scheme.partition(":")
-    if name not in SCHEMES or (window and name != "ct_window"):
+    if (
+        name not in SCHEMES
+        or (window and name not in ("ct_window", "mr"))
+        or (name == "mr" and window and window not in MR_REGIONS)
+    ):
         raise ConfigError(
-            f"data.intensity is {scheme!r}; allowed: {', '.join(SCHEMES)}, ct_window:NAME or "
-            f"ct_window:CENTER,WIDTH"
+            f"data.intensity is {scheme!r}; allowed: {', '.join(SCHEMES)}, ct_window:NAME, "
+            f"ct_window:CENTER,WIDTH, mr:nonzero or mr:all"
         )
     modality = str((manifest.get("image") or {}).get("modality", "") or "").upper()
     stats = manifest.get("stats") or {}
@@ -114,13 +135,24 @@ def intensity_spec(
     if name in _CT_ONLY and modality and modality != "CT":
         raise ConfigError(
             f"data.intensity={scheme} clips Hounsfield units but {where} holds {modality} "
-            f"images; use data.intensity={'mr' if modality == 'MR' else 'dataset'} (or auto)"
+            f"images; use data.intensity={default_intensity(modality)} (or auto)"
         )
-    if name == "mr" and modality == "CT":
+    if name in ("mr", "image") and modality == "CT":
         raise ConfigError(
-            f"data.intensity=mr z-scores each image alone but {where} holds CT, whose HU are "
-            f"absolute; use data.intensity=ct or ct_window (or auto)"
+            f"data.intensity={name} z-scores each scan alone but {where} holds CT, whose HU "
+            f"are absolute; use data.intensity=ct or ct_window (or auto)"
         )
+    if name == "mr":
+        crop = stats.get("nonzero_crop")
+        if crop is None:
+            raise ConfigError(
+                f"data.intensity={scheme} normalises each volume with its own statistics, but "
+                f"{where} has none (stats.nonzero_crop; shards built before per-volume "
+                f"statistics): rebuild the shards with this version of bigmodel-shard build, or "
+                f"set data.intensity=dataset"
+            )
+        region = window or ("nonzero" if float(crop) < NONZERO_CROP_FOR_MASK else "all")
+        return IntensitySpec("mr", region=region)
     low = stats.get("p0_5")
     if name in _CT_ONLY and low is not None and min(low) > _AIR_HU:
         raise ConfigError(
@@ -160,19 +192,39 @@ def _channel_view(values: tuple[float, ...], image: torch.Tensor) -> torch.Tenso
     return view.view(-1, 1, 1)
 
 
+def _volume_view(values: list[float], image: torch.Tensor) -> torch.Tensor:
+    """Per-source-channel volume statistics as a ``[C, 1, 1]`` view; a 2.5D sample stacks
+    ``2k + 1`` slices of each source channel (channel-major), which share that channel's value."""
+    view = torch.tensor(values, dtype=torch.float32, device=image.device)
+    channels = image.shape[-3]
+    if channels != view.numel():
+        if channels % view.numel():
+            raise ValueError(
+                f"volume statistics have {view.numel()} channels, image {list(image.shape)}"
+            )
+        view = view.repeat_interleave(channels // view.numel())
+    return view.view(-1, 1, 1)
+
+
 def apply_intensity(
-    image: torch.Tensor, spec: IntensitySpec, window: dict[str, Any] | None = None
+    image: torch.Tensor,
+    spec: IntensitySpec,
+    window: dict[str, Any] | None = None,
+    volume: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """The preprocessed float32 image ``[..., C, H, W]`` (one image or a batch).
+    """The preprocessed float32 image ``[..., C, H, W]`` (one image or a batch of one volume).
 
     Args:
         image: raw intensities (HU for CT) as sharding stored them.
         spec: from :func:`intensity_spec`.
         window: the sample's DICOM window (``{"center", "width"}`` from ``meta.json``), used by
             ``ct_window`` without a fixed window.
+        volume: the statistics of the volume the image belongs to (``meta.json`` ``intensity``,
+            :func:`sharding._stats.volume_intensity`), used by ``mr``.
 
     Raises:
-        ValueError: ``ct_window`` needs the sample's window and it has none.
+        ValueError: ``ct_window`` needs the sample's window and it has none; ``mr`` needs the
+            volume's statistics and they are missing.
     """
     image = image.float()
     scheme = spec.scheme
@@ -191,11 +243,28 @@ def apply_intensity(
             )
         center, half = (low + high) / 2, max((high - low) / 2, _EPS)
         return (image.clamp(low, high) - center) / half
-    if scheme == "mr":
+    if scheme == "image" or (scheme == "mr" and not spec.region):
         dims = (-2, -1)
         mean = image.mean(dim=dims, keepdim=True)
         std = image.std(dim=dims, keepdim=True, unbiased=False)
         return (image - mean) / std.clamp_min(_EPS)
+    if scheme == "mr":
+        if not volume:
+            raise ValueError(
+                "data.intensity=mr normalises with the statistics of the sample's volume, and "
+                "this sample has none in meta.json (intensity): rebuild the shards with this "
+                "version of bigmodel-shard build"
+            )
+        prefix = "nonzero_" if spec.region == "nonzero" else ""
+        mean = _volume_view(volume[prefix + "mean"], image)
+        std = _volume_view(volume[prefix + "std"], image).clamp_min(_EPS)
+        out = (image - mean) / std
+        if spec.region == "nonzero":
+            # nnU-Net sets the voxels outside the non-zero mask (any channel) to 0 after the
+            # z-score, so background reads as the region's mean, not as a large negative value
+            inside = (image != 0).any(dim=-3, keepdim=True)
+            out = torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out
     if scheme == "ct":
         image = torch.maximum(image, _channel_view(spec.low, image))
         image = torch.minimum(image, _channel_view(spec.high, image))

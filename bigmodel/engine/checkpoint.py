@@ -9,6 +9,8 @@ A checkpoint folder ``checkpoints/step_XXXXXXX/`` holds:
 ``model.pt``                DDP only: model + optimizer state (rank 0; replicated state)
 ``ds/``                     DeepSpeed only: ``engine.save_checkpoint`` (every rank writes its shards)
 ``rng/rank_00000.pt``       each rank's torch / CUDA / numpy / python RNG states
+``ema.pt``                  ``train.ema_decay``: the weight average (rank 0; the same on every
+                            rank, since it averages the same weights)
 ==========================  =====================================================================
 
 Every file has a rank-unique name, so under Ray Train (where each rank reports its own folder and
@@ -53,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from bigmodel.config import Config
 from bigmodel.engine._strategy import Distributed
@@ -76,6 +79,7 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 DS_TAG = "ds"
+EMA = "ema.pt"
 # Optimizers whose state DeepSpeed 0.19's universal checkpoint carries, per ZeRO stage: its
 # converter extracts only ``exp_avg``/``exp_avg_sq`` (+ ``step``), and its ZeRO-3 loader also
 # reads ``step`` from the per-parameter state, which timm's LAMB keeps in the param group. LAMB
@@ -168,7 +172,7 @@ def files_for_rank(meta: dict[str, Any], rank: int, world_size: int) -> list[str
     partition. ``None`` means every file (a resume that reshards the optimizer state needs all
     partitions). ``meta`` is the checkpoint's ``meta.json``.
     """
-    common = [META, "trainer.pt", f"rng/rank_{rank:05d}.pt"]
+    common = [META, "trainer.pt", f"rng/rank_{rank:05d}.pt", EMA]
     if meta["strategy"] != "deepspeed":
         return [*common, "model.pt"]
     if reshards_optimizer(meta, world_size):
@@ -211,9 +215,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    dm: Distributed, directory: Path, state: TrainState, rank: int, world_size: int
+    dm: Distributed,
+    directory: Path,
+    state: TrainState,
+    rank: int,
+    world_size: int,
+    ema: nn.Module | None = None,
 ) -> Path:
-    """Write a checkpoint of this run into ``directory``. Collective: call it on every rank."""
+    """Write a checkpoint of this run into ``directory``. Collective: call it on every rank.
+
+    ``ema``: timm's ``ModelEmaV3`` of the run (``train.ema_decay``), saved beside the model.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "rng").mkdir(exist_ok=True)
     _barrier()  # every rank sees the folder before writing into it
@@ -226,6 +238,8 @@ def save_checkpoint(
             directory / "model.pt",
         )
     _atomic_torch_save(_rng_state(), directory / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0 and ema is not None:
+        _atomic_torch_save(ema.module.state_dict(), directory / EMA)
     if rank == 0:
         _atomic_torch_save(
             {
@@ -257,6 +271,7 @@ def load_checkpoint(
     seed: int,
     run_dir: Path | None = None,
     local_rank: int = 0,
+    ema: nn.Module | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Restore model, optimizer, scheduler and scaler; return the counters and this rank's RNG.
 
@@ -268,6 +283,8 @@ def load_checkpoint(
             conversion under ``run_dir/resume`` (the checkpoint folder itself may be read-only
             or shared storage). Defaults to the checkpoint folder's parent.
         local_rank: this worker's index on its node; local rank 0 converts for the node.
+        ema: the run's ``ModelEmaV3``; restored from ``ema.pt``, or restarted from the loaded
+            weights (with a warning) when the checkpoint has none.
     """
     directory = Path(directory)
     meta = read_meta(directory)
@@ -290,6 +307,16 @@ def load_checkpoint(
     defaults = asdict(TrainState())  # fields added later default in older checkpoints
     state = TrainState(**{k: meta.get(k, v) for k, v in defaults.items()})
     dm.scheduler.step_update(state.step)  # the LR of the next update, as before the interruption
+    if ema is not None:
+        if (directory / EMA).is_file():
+            ema.module.load_state_dict(torch.load(directory / EMA, map_location=dm.device))
+        else:
+            log.warning(
+                "checkpoint %s has no weight average (ema.pt): it starts again from the loaded "
+                "weights",
+                directory,
+            )
+            ema.module.load_state_dict(dm.module.state_dict())
 
     rng_file = directory / "rng" / f"rank_{rank:05d}.pt"
     if rng_file.is_file():

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 
 from bigmodel.config import Config
@@ -138,10 +139,14 @@ def fit(
     if metrics is not None:
         metrics = metrics.to(device)
     window = ContrastiveWindow(dm, accumulation)  # empty unless a loss sees whole windows
+    # The weight average that evaluation scores and model/ holds (train.ema_decay); every rank
+    # keeps the same one, since every rank holds the same weights after a step (ZeRO-1/2 too).
+    ema = _make_ema(dm, cfg)
+    evaluated = ema.module if ema is not None else dm.module
     state, rng = TrainState(), None
     if resume_from is not None:
         state, rng = load_checkpoint(
-            dm, resume_from, rank, world_size, cfg.seed, run_dir, session.local_rank
+            dm, resume_from, rank, world_size, cfg.seed, run_dir, session.local_rank, ema
         )
         log.info("rank %d resumed from %s at step %d", rank, resume_from, state.step)
     # a resumed run drops the rows a crashed attempt logged after its checkpoint
@@ -164,6 +169,12 @@ def fit(
                 steps_per_epoch,
                 epoch + 1,
             )
+            if epoch == cfg.train.epochs - 1:
+                # ... and it was the last: the run is over, but its final evaluation and
+                # report have not happened in any attempt (the checkpoint came first)
+                tick = time.perf_counter()
+                figures = _final_report(dm, cfg, session, logger, state, eval_loader, metrics, ema)
+                phase_s["eval"] += time.perf_counter() - tick
             continue
         # Data position: a resumed epoch starts at its checkpointed step with a stream seeded by
         # (epoch, step), yielding only the remaining batches; nothing before it is read.
@@ -214,6 +225,8 @@ def fit(
                     )
             state.step += 1
             state.step_in_epoch = step_in_epoch
+            if ema is not None:
+                ema.update(dm.module, step=state.step)  # one fused lerp over the weights
             dm.scheduler.step_update(state.step)  # the LR of the next update
             epoch_done = step_in_epoch == steps_per_epoch
             run_done = epoch_done and epoch == cfg.train.epochs - 1
@@ -236,8 +249,8 @@ def fit(
                 and ((epoch + 1) % cfg.train.eval_every == 0 or run_done)
             ):
                 tick = time.perf_counter()
-                dm.sync_norm_buffers()  # ranks evaluate the same model (no-op with SyncBN)
-                results = evaluate(dm, eval_loader, metrics, cfg)
+                _sync_norm_buffers(dm, ema)  # ranks evaluate the same model (no-op with SyncBN)
+                results = evaluate(dm, eval_loader, metrics, cfg, evaluated)
                 phase_s["eval"] += time.perf_counter() - tick
                 logger.write(state.step, epoch, results, prefix="val/")
                 report.update({f"val/{k}": v for k, v in results.items()})
@@ -245,7 +258,7 @@ def fit(
                     # model/ holds the best evaluated weights (collective under ZeRO-3)
                     state.best_score = report[cfg.train.best_metric]
                     card = {**figures, **report, "step": float(state.step), "epoch": float(epoch)}
-                    _save_model_folder(dm, cfg, run_dir, card, manifest_path)
+                    _save_model_folder(dm, cfg, run_dir, card, manifest_path, ema)
                 dm.model.train()
 
             # --- checkpoint: every checkpoint_every steps, or per epoch; always at the end
@@ -255,9 +268,9 @@ def fit(
                 if epoch_done:  # the position is "start of the next epoch"
                     state.epoch, state.step_in_epoch = epoch + 1, 0
                 tick = time.perf_counter()
-                dm.sync_norm_buffers()  # every rank saves the same statistics (no-op with SyncBN)
+                _sync_norm_buffers(dm, ema)  # every rank saves the same statistics (ditto)
                 saved = save_checkpoint(
-                    dm, checkpoint_dir(run_dir, state.step), state, rank, world_size
+                    dm, checkpoint_dir(run_dir, state.step), state, rank, world_size, ema
                 )
                 phase_s["checkpoint_write"] += time.perf_counter() - tick
             if report or saved is not None:
@@ -274,10 +287,38 @@ def fit(
     phase_s["loop"] = time.perf_counter() - loop_start
     logger.write(state.step, cfg.train.epochs - 1, phase_s, prefix="time/")
     if cfg.train.best_metric is None or state.best_score is None:
-        dm.sync_norm_buffers()
-        _save_model_folder(dm, cfg, run_dir, figures, manifest_path)
+        _sync_norm_buffers(dm, ema)
+        _save_model_folder(dm, cfg, run_dir, figures, manifest_path, ema)
     logger.close()
     return figures
+
+
+def _final_report(
+    dm: Distributed,
+    cfg: Config,
+    session: Session,
+    logger: RunLogger,
+    state: TrainState,
+    eval_loader: Iterable[dict[str, Any]] | None,
+    metrics: Any,
+    ema: nn.Module | None,
+) -> dict[str, float]:
+    """The end-of-run evaluation and report of a run resumed past its last step.
+
+    A checkpoint from fewer workers (longer epochs) can lie past the end of the last epoch on
+    more workers: no step is left, yet the run still owes its final figures to the log, to the
+    runner (a sweep trial reports them) and to the model card.
+    """
+    report: dict[str, float] = {}
+    if eval_loader is not None and cfg.train.eval_every:
+        _sync_norm_buffers(dm, ema)
+        evaluated = ema.module if ema is not None else dm.module
+        results = evaluate(dm, eval_loader, metrics, cfg, evaluated)
+        logger.write(state.step, cfg.train.epochs - 1, results, prefix="val/")
+        report.update({f"val/{k}": v for k, v in results.items()})
+    report.update(step=float(state.step), epoch=float(cfg.train.epochs - 1))
+    session.report(report, None)
+    return report
 
 
 def _improves(cfg: Config, report: dict[str, float], best: float | None) -> bool:
@@ -294,14 +335,43 @@ def _improves(cfg: Config, report: dict[str, float], best: float | None) -> bool
     return value > best if cfg.train.best_mode == "max" else value < best
 
 
+def _sync_norm_buffers(dm: Distributed, ema: nn.Module | None) -> None:
+    """Average BatchNorm statistics across ranks, of the model and of its weight average."""
+    dm.sync_norm_buffers()
+    if ema is not None and dm.average_norm_buffers:
+        distribute_bn(ema.module, dm.world_size, reduce=True)
+
+
+def _make_ema(dm: Distributed, cfg: Config) -> nn.Module | None:
+    """timm's ``ModelEmaV3`` of the plain model (``train.ema_decay``), on the model's device.
+
+    timm's warmup (``use_warmup``: decay ``1 - (1 + step) ** -2/3``, capped at ``ema_decay``)
+    makes the average follow a short run closely and a long one slowly, so one default fits
+    runs of a few hundred and of many thousand steps.
+    """
+    if cfg.train.ema_decay is None:
+        return None
+    ema = ModelEmaV3(dm.module, decay=cfg.train.ema_decay, use_warmup=True)
+    ema.requires_grad_(False)
+    return ema
+
+
 def _save_model_folder(
     dm: Distributed,
     cfg: Config,
     run_dir: Path,
     figures: dict[str, float],
     manifest_path: Path | None,
+    ema: nn.Module | None = None,
 ) -> None:
-    """Write ``model/`` from the current weights (fp32). Collective: call it on every rank."""
+    """Write ``model/`` from the current weights, or their average (fp32). Collective: call it
+    on every rank."""
+    if ema is not None:  # ZeRO-1/2 or DDP: whole weights on every rank, rank 0 writes
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
+            weights = {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
+            save_model(weights, cfg, run_dir / "model", figures, manifest_path)
+        return
     weights = full_state_dict(dm)  # gathers the partitions under ZeRO-3
     if weights is not None:
         save_model(weights, cfg, run_dir / "model", figures, manifest_path)
@@ -309,9 +379,16 @@ def _save_model_folder(
 
 @torch.no_grad()
 def evaluate(
-    dm: Distributed, loader: Iterable[dict[str, Any]], metrics: Any, cfg: Config
+    dm: Distributed,
+    loader: Iterable[dict[str, Any]],
+    metrics: Any,
+    cfg: Config,
+    module: nn.Module | None = None,
 ) -> dict[str, float]:
     """Metrics over the validation split, each sample exactly once across ranks.
+
+    ``module`` is the model scored (the weight average with ``train.ema_decay``); by default
+    the plain model being trained.
 
     Forwards the plain (unwrapped) model, so no collective runs per batch and ranks with fewer
     batches cannot hang, except under ZeRO-3, where every forward gathers parameters from all
@@ -319,7 +396,7 @@ def evaluate(
     until the longest rank is done. The sample keys are gathered once at the end to check that
     no sample was seen twice and, when the loader knows its count, that none was missed.
     """
-    module = dm.module
+    module = module if module is not None else dm.module
     module.eval()
     metrics.reset()
     device = dm.device

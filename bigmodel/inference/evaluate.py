@@ -111,7 +111,9 @@ def _batches(samples: Iterator[dict], batch_size: int, prep) -> Iterator[dict[st
     """
     pending: list[dict] = []
     for sample in samples:
-        sample["normalised"] = normalize(sample["image"], prep, sample.get("window"))
+        sample["normalised"] = normalize(
+            sample["image"], prep, sample.get("window"), sample.get("volume")
+        )
         if pending and (
             len(pending) == batch_size or sample["image"].shape != pending[0]["image"].shape
         ):
@@ -502,7 +504,7 @@ def _overlays(loaded, manifest, split, head, keys, sample_dice, classes, out: Pa
     prep = loaded.preprocessing
     for label, index in picks.items():
         sample = samples[keys[index]]
-        images = normalize(sample["image"][None], prep, sample.get("window"))
+        images = normalize(sample["image"][None], prep, sample.get("window"), sample.get("volume"))
         logits = forward(loaded.model, images, prep)[head]
         pred = logits.argmax(dim=1)[0].numpy()
         mask = sample[cfg.target].numpy()

@@ -35,10 +35,12 @@ from bigmodel.inference.model_folder import LoadedModel, ModelFolderError, load_
 from bigmodel.inference.preprocess import (
     AXES,
     InputError,
+    Preprocessing,
     check_channels,
     normalize,
     slice_volume,
 )
+from sharding.format import volume_intensity
 
 __all__ = ["Predictor", "main"]
 
@@ -84,11 +86,15 @@ class Predictor:
         images: np.ndarray | torch.Tensor,
         progress: Any = None,
         window: dict[str, Any] | None = None,
+        volume: dict[str, Any] | None = None,
     ) -> dict:
         """Raw images ``[N, C, H, W]`` (as stored in the shards) -> numpy outputs per head.
 
         ``window`` is the images' DICOM window (``{"center", "width"}``), needed only by models
-        trained with ``data.intensity=ct_window`` without a fixed window.
+        trained with ``data.intensity=ct_window`` without a fixed window. ``volume`` holds the
+        statistics of the volume the images were cut from (``volume_intensity``), needed by
+        ``data.intensity=mr``; without it the images are taken as slices of one volume and
+        their own statistics are used.
 
         Returns ``{head: value}``: classification probabilities ``[N, K]`` (softmax, or sigmoid
         for multi-label), segmentation label maps ``[N, H, W]`` (uint8, argmax of the logits),
@@ -103,10 +109,12 @@ class Predictor:
                 f"images have shape {list(images.shape)}; the model takes [N, "
                 f"{self.prep.in_chans}, H, W]"
             )
+        if volume is None and self.prep.intensity and self.prep.intensity.get("scheme") == "mr":
+            volume = volume_intensity(_source_channels(images.numpy(), self.prep))
         parts: dict[str, list[Any]] = {name: [] for name in self.heads}
         for start in range(0, images.shape[0], self.batch_size):
             raw = images[start : start + self.batch_size].to(self.device)
-            batch = normalize(raw, self.prep, window)
+            batch = normalize(raw, self.prep, window, volume)
             outputs = forward(self.model, batch, self.prep)
             for name, out in outputs.items():
                 parts[name].append(self._postprocess(name, out))
@@ -157,7 +165,9 @@ class Predictor:
         started = time.perf_counter()
         study = read_study(path)
         samples = self.samples_of(study)
-        outputs = self.predict_arrays(samples, progress=progress, window=study.window)
+        outputs = self.predict_arrays(
+            samples, progress=progress, window=study.window, volume=volume_intensity(study.image)
+        )
         out_dir = Path(out_dir)
         name = study_name(study.path)
         summary: dict[str, Any] = {
@@ -270,6 +280,14 @@ class Predictor:
         if study.is_volume and study.affine is not None:
             entry["coordinates"] = "corners_ras_mm: RAS+ world millimetres (NIfTI convention)"
         return entry
+
+
+def _source_channels(samples: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """``[C, N, H, W]``: the centre slice of each 2.5D stack per source channel, samples as depth
+    (the volume the samples were cut from, as far as they show it)."""
+    k = prep.context
+    centre = samples[:, k :: 2 * k + 1] if k else samples
+    return np.moveaxis(centre, 0, 1)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -178,19 +178,24 @@ def slice_volume(volume: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 
 def normalize(
-    images: torch.Tensor, prep: Preprocessing, window: dict[str, Any] | None = None
+    images: torch.Tensor,
+    prep: Preprocessing,
+    window: dict[str, Any] | None = None,
+    volume: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """The training-time intensity transform of raw images ``[..., C, H, W]``.
 
     With an intensity scheme in the record (CT clip + z-score, CT window, MR per-image z-score,
     dataset z-score) it is ``bigmodel.data.intensity.apply_intensity``, the function the training
-    loader calls; ``window`` is the image's DICOM window (for ``ct_window`` without a fixed one).
+    loader calls; ``window`` is the image's DICOM window (for ``ct_window`` without a fixed one)
+    and ``volume`` the statistics of the whole volume the images come from (for ``mr``;
+    :func:`sharding._stats.volume_intensity` of the input, as sharding computed them).
     Model folders written before intensity schemes existed get the manifest z-score they were
     trained with (a zero std divides by 1).
     """
     images = images.float()
     if prep.intensity is not None:
-        return apply_intensity(images, IntensitySpec.from_dict(prep.intensity), window)
+        return apply_intensity(images, IntensitySpec.from_dict(prep.intensity), window, volume)
     if prep.normalize != "manifest" or prep.mean is None or prep.std is None:
         return images
     mean = torch.tensor(prep.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
