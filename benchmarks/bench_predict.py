@@ -32,10 +32,10 @@ import torch
 
 from bigmodel.config import config_from_dict
 from bigmodel.inference.export import export
-from bigmodel.inference.model_folder import save_model
 from bigmodel.inference.predict import Predictor
-from bigmodel.inference.preprocess import Preprocessing
+from bigmodel.model_folder import save_model
 from bigmodel.models import build_model
+from bigmodel.preprocessing import Preprocessing
 
 MEAN, STD = 400.0, 250.0
 

@@ -159,7 +159,7 @@ def _slices(shards: Path, split: str, prep, size: int, limit: int | None = None)
     """Normalised ``[N, 1, size, size]`` images and ``[N, size, size]`` masks of ``split``."""
     import torch
 
-    from bigmodel.inference.preprocess import normalize
+    from bigmodel.preprocessing import normalize
 
     images, masks = [], []
     for index, (_, image, mask, meta) in enumerate(_test_samples(shards, split)):
@@ -197,7 +197,7 @@ def swings(args: argparse.Namespace) -> str:
     from torch.optim.swa_utils import update_bn
 
     from bigmodel.engine.checkpoint import consolidated_state_dict
-    from bigmodel.inference.model_folder import load_model
+    from bigmodel.model_folder import load_model
 
     run = Path(args.run)
     loaded = load_model(run / "model")

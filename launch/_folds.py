@@ -20,7 +20,7 @@ from typing import Any
 
 from bigmodel.config import Config, ConfigError
 from bigmodel.data.manifest import ManifestError, fold_split_names, load_manifest
-from bigmodel.tracking import log_summary_run
+from bigmodel.registry.tracking import log_summary_run
 
 __all__ = ["cross_validate", "fold_config", "format_summary", "num_folds"]
 

@@ -29,7 +29,7 @@ from ray.train import UserCallback
 from bigmodel.config import Config, ConfigError, config_from_dict
 from bigmodel.data import ManifestError, SampleError
 from bigmodel.engine.session import Session
-from bigmodel.tracking import tracked
+from bigmodel.registry.tracking import tracked
 from launch.session import RaySession
 
 # When this process first wrote its worker file (Unix time), by pid.

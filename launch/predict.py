@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bigmodel.inference.model_folder import ModelFolderError, load_model
+from bigmodel.inference.loading import load_model
+from bigmodel.model_folder import ModelFolderError
 
 __all__ = ["PredictActor", "main", "predict_with_ray"]
 
@@ -36,14 +37,16 @@ class PredictActor:
         from bigmodel.inference.predict import Predictor
 
         if model.startswith("models:/"):
-            from bigmodel.registry import resolve_model_uri  # downloads into this node's cache
+            from bigmodel.registry.versions import (
+                resolve_model_uri,
+            )  # downloads into this node's cache
 
             model = str(resolve_model_uri(model))
         self.predictor = Predictor(model, batch_size=batch_size, device=device)
         self.out = Path(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from bigmodel.inference.preprocess import InputError
+        from bigmodel.preprocessing import InputError
 
         inputs, summaries, errors = [], [], []
         for path in batch["path"]:

@@ -23,7 +23,7 @@ from ray.train import Result, UserCallback
 from ray.train.torch import TorchTrainer
 
 from bigmodel.config import Config, ConfigError, load_config
-from bigmodel.tracking import RUN_RECORD, check_tracking
+from bigmodel.registry.tracking import RUN_RECORD, check_tracking
 from launch import _folds, _preflight, _ray_config
 from launch._worker import (
     DeterministicError,

@@ -47,7 +47,7 @@ class TinyMultiTask(nn.Module):
             nn.ReLU(),
         )
         self.head = nn.Linear(8, CLASSES)
-        # the MultiTaskModel attribute evaluation reads (bigmodel.inference.window)
+        # the MultiTaskModel attribute evaluation reads (bigmodel.models.window)
         self.head_configs = {"diag": ClassificationHeadConfig(num_classes=CLASSES)}
 
     def forward(self, images: torch.Tensor, batch: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 
 from bigmodel.config import Config, config_from_dict
 from bigmodel.data import load_manifest, resolve_config
-from bigmodel.inference.model_folder import save_model
+from bigmodel.model_folder import save_model
 from bigmodel.models import build_model
 from launch._demo_data import MASK_CLASSES, write_demo_source
 from sharding.build import BuildOptions, build_shards

@@ -19,7 +19,7 @@ from test_data_pipeline import write_dataset
 
 from bigmodel.config import config_from_dict
 from bigmodel.engine import LocalSession, train
-from bigmodel.inference.model_folder import file_sha256
+from bigmodel.model_folder import file_sha256
 
 TASKS = {
     "cls": {"type": "multiclass", "classes": ["normal", "lesion"]},

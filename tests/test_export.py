@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from bigmodel.config import config_from_dict
 from bigmodel.engine import LocalSession, train
 from bigmodel.inference.export import ExportError, export, main
-from bigmodel.inference.model_folder import WEIGHTS, load_model, save_model
 from bigmodel.inference.predict import Predictor
-from bigmodel.inference.preprocess import Preprocessing
+from bigmodel.model_folder import WEIGHTS, load_model, save_model
 from bigmodel.models import build_model
+from bigmodel.preprocessing import Preprocessing
 
 REAL_VOLUME = Path(data_path) / "anatomical.nii"
 

@@ -20,15 +20,15 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from bigmodel.inference.model_folder import (
+from bigmodel.inference.predict import Predictor, main
+from bigmodel.model_folder import (
     PREPROCESSING,
     WEIGHTS,
     ModelFolderError,
     load_model,
 )
-from bigmodel.inference.predict import Predictor, main
-from bigmodel.inference.preprocess import InputError, Preprocessing, slice_volume
-from bigmodel.inference.window import fit_to_size, whole_image_outputs
+from bigmodel.models.window import fit_to_size, whole_image_outputs
+from bigmodel.preprocessing import InputError, Preprocessing, slice_volume
 from sharding._samples import SamplePlan, _cut
 
 REAL_VOLUME = Path(data_path) / "anatomical.nii"

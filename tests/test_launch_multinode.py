@@ -38,7 +38,7 @@ from conftest import BIN, _stop_group, free_port
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from bigmodel.config import load_config
-from bigmodel.inference.model_folder import MODEL_CARD, WEIGHTS
+from bigmodel.model_folder import MODEL_CARD, WEIGHTS
 from launch import _ray_config
 from launch._demo_data import MASK_CLASSES, write_demo_source
 from sharding.build import BuildOptions, build_shards

@@ -30,13 +30,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_data_pipeline import write_dataset
 
-from bigmodel import registry
-from bigmodel._registry_cli import main as registry_main
 from bigmodel.config import ConfigError, config_from_dict
 from bigmodel.engine import LocalSession, train
-from bigmodel.inference.model_folder import file_sha256, load_model
 from bigmodel.inference.predict import main as predict_main
-from bigmodel.tracking import RUN_RECORD, check_tracking, tracked
+from bigmodel.model_folder import file_sha256, load_model
+from bigmodel.registry import store, versions
+from bigmodel.registry.cli import main as registry_main
+from bigmodel.registry.tracking import RUN_RECORD, check_tracking, tracked
 
 TASKS = {"cls": {"type": "multiclass", "classes": ["normal", "lesion"]}}
 
@@ -154,7 +154,7 @@ def test_training_run_logs_params_metrics_files_and_lineage(server, shards, trai
     assert {"model.safetensors", "config.yaml", "model_card.json"} <= model_files
     assert not any(name.endswith(".pkl") for name in model_files)  # no pickled classes
 
-    info = registry.lineage("models:/tiny/1", server.uri)
+    info = versions.lineage("models:/tiny/1", server.uri)
     assert info["run_id"] == run.info.run_id and info["experiment"] == "tests"
     assert info["manifest_sha256"] == file_sha256(shards / "dataset.json")
     assert info["world_size"] == "1" and info["sweep"] == "s1"
@@ -166,7 +166,7 @@ def test_promote_rollback_and_resolve_through_the_server(server, trained, tmp_pa
     assert registry_main([*uri, "promote", "tiny", "1", "--alias", "production"]) == 0
     assert registry_main([*uri, "promote", "tiny", "2", "--alias", "production"]) == 0
     cache = tmp_path / "cache"
-    folder = registry.resolve_model_uri("models:/tiny@production", server.uri, cache)
+    folder = versions.resolve_model_uri("models:/tiny@production", server.uri, cache)
     assert folder.parent.name == "tiny" and folder.name == "2"
     second = load_file(str(trained[1] / "model" / "model.safetensors"))
     for key, value in load_file(str(folder / "model.safetensors")).items():
@@ -174,7 +174,7 @@ def test_promote_rollback_and_resolve_through_the_server(server, trained, tmp_pa
 
     assert registry_main([*uri, "rollback", "tiny", "--alias", "production"]) == 0
     assert "version 2 -> 1" in capsys.readouterr().out
-    folder = registry.resolve_model_uri("models:/tiny@production", server.uri, cache)
+    folder = versions.resolve_model_uri("models:/tiny@production", server.uri, cache)
     assert folder.name == "1"
     loaded = load_model(folder)  # the downloaded version loads like a run's model folder
     first = load_file(str(trained[0] / "model" / "model.safetensors"))
@@ -234,13 +234,13 @@ def test_register_a_folder_and_refuse_a_broken_one(server, trained, tmp_path, ca
 def test_tracking_off_never_imports_mlflow():
     """The tracking hooks load MLflow only when tracking is on.
 
-    (Importing MONAI, which bigmodel.inference.window does, imports MLflow by itself; this
+    (Importing MONAI, which bigmodel.models.window does, imports MLflow by itself; this
     checks the hooks that bigmodel-train adds: the config, ``tracked`` and the fold driver.)
     """
     code = """
 import sys
 from bigmodel.config import config_from_dict
-from bigmodel.tracking import tracked
+from bigmodel.registry.tracking import tracked
 import launch._folds
 class Session:
     rank = 0
@@ -265,8 +265,8 @@ def test_stopped_server_is_one_clear_error(server, shards, tmp_path, capsys, mon
     assert registry_main(["--uri", server.uri, "list"]) == 2
     err_line = capsys.readouterr().err.strip()
     assert "not reachable" in err_line and server.uri in err_line and "\n" not in err_line
-    with pytest.raises(registry.RegistryError, match="not reachable"):
-        registry.resolve_model_uri("models:/tiny@production", server.uri, tmp_path / "c")
+    with pytest.raises(store.RegistryError, match="not reachable"):
+        versions.resolve_model_uri("models:/tiny@production", server.uri, tmp_path / "c")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     assert (
         predict_main(

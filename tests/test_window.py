@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from bigmodel.config import ModelConfig
-from bigmodel.inference.window import fit_to_size, needs_windows, whole_image_outputs
 from bigmodel.models import build_model
+from bigmodel.models.window import fit_to_size, needs_windows, whole_image_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

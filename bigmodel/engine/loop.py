@@ -43,10 +43,10 @@ from bigmodel.engine.checkpoint import (
     set_rng_state,
 )
 from bigmodel.engine.session import Session
-from bigmodel.inference.model_folder import save_model
-from bigmodel.inference.window import whole_image_outputs
 from bigmodel.metrics import build_metrics
+from bigmodel.model_folder import save_model
 from bigmodel.models import build_model
+from bigmodel.models.window import whole_image_outputs
 
 __all__ = ["NonFiniteLossError", "evaluate", "fit", "train"]
 

@@ -1,12 +1,12 @@
 """The Ray-free inference side: load a model folder, preprocess as in training, evaluate, export,
 predict on files.
 
-Modules: ``model_folder`` (save/load the folder: ``load_model``), ``preprocess`` (the
-``preprocessing.json`` record, slicing volumes as the shard builder did, intensity transform),
-``window`` (whole-image outputs with sliding windows), ``forward`` (one pass as training saw its
-inputs), ``files`` (reading PNG/NIfTI/DICOM, atomic writes), ``predict`` (``Predictor``,
-``bigmodel-predict``), ``evaluate`` (``bigmodel-eval``), ``export`` (``bigmodel-export``),
-``dicom_seg`` (DICOM SEG through highdicom).
+Modules: ``loading`` (``load_model``: a model folder or a ``models:/`` reference), ``forward``
+(one pass as training saw its inputs), ``files`` (reading PNG/NIfTI/DICOM, atomic writes),
+``predict`` (``Predictor``, ``bigmodel-predict``), ``evaluate`` (``bigmodel-eval``), ``export``
+(``bigmodel-export``), ``dicom_seg`` (DICOM SEG through highdicom). What they build on lies below
+them, shared with the engine: the model folder (``bigmodel.model_folder``), its preprocessing
+record (``bigmodel.preprocessing``) and the sliding window (``bigmodel.models.window``).
 
 Kept light on purpose: importing ``bigmodel.inference`` pulls in no onnx, onnxruntime or mlflow;
 each submodule imports what it needs.

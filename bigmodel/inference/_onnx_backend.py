@@ -1,7 +1,7 @@
 """An exported ``model.onnx`` behind the interface the whole-image code calls (ONNX Runtime).
 
 ``bigmodel-export`` writes graphs that take ``[N, C, S, S]`` windows (``S`` = training size).
-:class:`OnnxModel` looks like a ``MultiTaskModel`` to ``bigmodel.inference.window`` (``head_configs``
+:class:`OnnxModel` looks like a ``MultiTaskModel`` to ``bigmodel.models.window`` (``head_configs``
 and ``model(images)["outputs"]``), so sliding windows, fitting and every writer work unchanged;
 images smaller than a window are padded with 0 (the normalised mean) and dense outputs cropped
 back. On CPU ONNX Runtime runs these convolutional graphs several times faster than eager
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigmodel.inference.model_folder import LoadedModel, ModelFolderError
+from bigmodel.model_folder import LoadedModel, ModelFolderError
 
 __all__ = ["ONNX_FILE", "OnnxModel"]
 

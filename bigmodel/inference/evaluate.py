@@ -1,6 +1,6 @@
 """``bigmodel-eval MODEL --shards DIR --split test --out DIR``: a report people can trust and read.
 
-Every sample of the split is predicted on its whole image (``bigmodel.inference.window``:
+Every sample of the split is predicted on its whole image (``bigmodel.models.window``:
 Gaussian-blended sliding windows where an image exceeds the training size, so every pixel and
 every box counts), normalised exactly as in training (the model folder's ``preprocessing.json``).
 The figures are the training-time ones (``bigmodel.metrics``), plus:
@@ -34,9 +34,10 @@ from bigmodel.inference import _plots
 from bigmodel.inference._stats import bootstrap_counts, dice, foreground_mean, interval
 from bigmodel.inference.files import atomic_write, write_json
 from bigmodel.inference.forward import forward
-from bigmodel.inference.model_folder import LoadedModel, ModelFolderError, load_model
-from bigmodel.inference.preprocess import normalize
+from bigmodel.inference.loading import load_model
 from bigmodel.metrics import ClassificationMetrics, build_metrics
+from bigmodel.model_folder import LoadedModel, ModelFolderError
+from bigmodel.preprocessing import normalize
 
 __all__ = ["EvalError", "evaluate_model", "main"]
 

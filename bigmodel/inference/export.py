@@ -34,14 +34,11 @@ import torch
 from torch import nn
 
 from bigmodel.config import Config, ConfigError, load_config
-from bigmodel.inference.model_folder import (
-    CONFIG,
-    WEIGHTS,
-    ModelFolderError,
-    load_model,
-    save_model,
-)
-from bigmodel.inference.preprocess import Preprocessing, preprocessing_from
+from bigmodel.data import ManifestError, load_manifest
+from bigmodel.engine.checkpoint import META, consolidated_state_dict, is_complete
+from bigmodel.inference.loading import load_model
+from bigmodel.model_folder import CONFIG, WEIGHTS, ModelFolderError, save_model
+from bigmodel.preprocessing import Preprocessing, preprocessing_from
 
 __all__ = ["EXPORT_REFUSALS", "ExportError", "export", "exportable_heads", "main"]
 
@@ -105,8 +102,6 @@ def _find_config(directory: Path, explicit: str | None) -> Config:
 
 
 def _latest_checkpoint(run: Path) -> Path | None:
-    from bigmodel.engine.checkpoint import is_complete
-
     done = [p for p in sorted((run / "checkpoints").glob("step_*")) if is_complete(p)]
     return done[-1] if done else None
 
@@ -114,9 +109,6 @@ def _latest_checkpoint(run: Path) -> Path | None:
 def _from_checkpoint(
     directory: Path, config: str | None, shards: str | None
 ) -> tuple[dict, Config, Preprocessing, Path | None, dict]:
-    from bigmodel.data import ManifestError, load_manifest
-    from bigmodel.engine.checkpoint import META, consolidated_state_dict
-
     cfg = _find_config(directory, config)
     shards_dir = shards or cfg.data.shards
     try:
@@ -145,8 +137,6 @@ def load_source(
     source: str, config: str | None = None, shards: str | None = None
 ) -> tuple[dict, Config, Preprocessing, Path | None, dict, dict]:
     """Weights, config, preprocessing, manifest path, card extras and metrics of any source."""
-    from bigmodel.engine.checkpoint import is_complete
-
     path = Path(source).expanduser()
     if not source.startswith("models:/") and not path.exists():
         raise ExportError(f"{path}: no such run, checkpoint or model folder")

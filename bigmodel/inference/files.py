@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bigmodel.inference.preprocess import InputError
+from bigmodel.preprocessing import InputError
 from sharding.records import SourceError
 
 __all__ = [

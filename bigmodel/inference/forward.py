@@ -1,7 +1,7 @@
 """One forward pass as training saw its inputs: whole images, at native or ``fit`` resolution.
 
 * ``data.resize=none`` (the model trained on ``image_size`` crops at native resolution):
-  :func:`bigmodel.inference.window.whole_image_outputs`, sliding windows where an image is larger.
+  :func:`bigmodel.models.window.whole_image_outputs`, sliding windows where an image is larger.
 * ``data.resize=fit`` (the model trained on images scaled so the longer side is ``image_size``,
   padded to a square): the image is fitted the same way (``window.fit_to_size``), the model runs
   once, and dense outputs are mapped back to the input's pixels (padding cut off, logits resized
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bigmodel.inference.preprocess import Preprocessing
-from bigmodel.inference.window import fit_to_size, whole_image_outputs
+from bigmodel.models.window import fit_to_size, whole_image_outputs
+from bigmodel.preprocessing import Preprocessing
 
 __all__ = ["forward"]
 

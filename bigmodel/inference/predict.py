@@ -31,8 +31,9 @@ from bigmodel.inference.files import (
     write_png,
 )
 from bigmodel.inference.forward import forward
-from bigmodel.inference.model_folder import LoadedModel, ModelFolderError, load_model
-from bigmodel.inference.preprocess import (
+from bigmodel.inference.loading import load_model
+from bigmodel.model_folder import LoadedModel, ModelFolderError
+from bigmodel.preprocessing import (
     AXES,
     InputError,
     Preprocessing,

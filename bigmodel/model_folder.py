@@ -3,7 +3,7 @@
 ``{run}/model/`` holds ``model.safetensors`` (full fp32 weights, no pickle), the resolved
 ``config.yaml`` that rebuilds the architecture (``bigmodel.models.build_model``),
 ``preprocessing.json`` (how to turn a new image into what the model saw in training, see
-:mod:`bigmodel.inference.preprocess`) and ``model_card.json``: the dataset manifest's sha256, the
+:mod:`bigmodel.preprocessing`) and ``model_card.json``: the dataset manifest's sha256, the
 git commit of the code, the final metrics, and when it was written. The folder is written under a
 temporary name and renamed, so a reader never sees half a model. The same folder is what the
 MLflow registry stores and what ``bigmodel-predict`` loads.
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from bigmodel import __version__
 from bigmodel.config import Config, ConfigError, load_config
-from bigmodel.inference.preprocess import PREPROCESSING, Preprocessing, preprocessing_from
+from bigmodel.preprocessing import PREPROCESSING, Preprocessing, preprocessing_from
 
 __all__ = [
     "CONFIG",
@@ -169,7 +169,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path) -> LoadedModel:
-    """Load a model folder (or ``models:/name@alias`` from the MLflow registry) for inference.
+    """Load a model folder for inference (``bigmodel.inference.loading`` also takes ``models:/``).
 
     Raises:
         ModelFolderError: a file is missing, unreadable, or the weights do not fit the config;
@@ -177,10 +177,6 @@ def load_model(path: str | Path) -> LoadedModel:
     """
     from bigmodel.models import build_model  # timm and the heads: only when a model is built
 
-    if str(path).startswith("models:/"):
-        from bigmodel.registry import resolve_model_uri
-
-        path = resolve_model_uri(str(path))
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelFolderError(

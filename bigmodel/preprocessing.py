@@ -3,7 +3,7 @@
 A model folder carries ``preprocessing.json`` next to its weights: the channel layout and 2.5D
 context the shards were cut with, the intensity normalisation (scheme and statistics from the
 dataset manifest), the training image size and resize policy, the class names of every head and
-the spacing. It is written by :func:`bigmodel.inference.model_folder.save_model` from the run's
+the spacing. It is written by :func:`bigmodel.model_folder.save_model` from the run's
 resolved config and the shards' ``dataset.json``, so prediction never needs the shards.
 
 The functions here apply it to numpy arrays: :func:`slice_volume` cuts a ``[C, D, H, W]`` volume

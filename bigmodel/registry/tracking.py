@@ -61,13 +61,13 @@ def check_tracking(cfg: Config) -> str:
     """
     from mlflow.exceptions import MlflowException
 
-    from bigmodel import registry  # loads mlflow: only when tracking is on
+    from bigmodel.registry import store  # loads mlflow: only when tracking is on
 
     uri = tracking_uri(cfg)
     try:
-        client = registry.connect(uri, setting="tracking.uri", create=True)
-        return registry.ensure_experiment(client, cfg.tracking.experiment, uri)
-    except registry.RegistryError as err:
+        client = store.connect(uri, setting="tracking.uri", create=True)
+        return store.ensure_experiment(client, cfg.tracking.experiment, uri)
+    except store.RegistryError as err:
         raise ConfigError(str(err)) from None
     except MlflowException as err:
         first = str(err.message).splitlines()[0]
@@ -80,15 +80,15 @@ def log_summary_run(
     cfg: Config, name: str, metrics: dict[str, float], files: list[Path], tags: dict[str, str]
 ) -> str:
     """One finished MLflow run holding a summary (e.g. cross-validation mean ± std); its id."""
-    from bigmodel import registry  # loads mlflow: only when tracking is on
+    from bigmodel.registry import store  # loads mlflow: only when tracking is on
 
     uri = tracking_uri(cfg)
-    client = registry.connect(uri, setting="tracking.uri", create=True)
-    experiment_id = registry.ensure_experiment(client, cfg.tracking.experiment, uri)
+    client = store.connect(uri, setting="tracking.uri", create=True)
+    experiment_id = store.ensure_experiment(client, cfg.tracking.experiment, uri)
     run_id = client.create_run(
         experiment_id, run_name=name, tags={**cfg.tracking.tags, **tags}
     ).info.run_id
-    registry.log_metrics(client, run_id, metrics, step=0)
+    store.log_metrics(client, run_id, metrics, step=0)
     for path in files:
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, "FINISHED")
@@ -114,14 +114,14 @@ class TrackedSession:
     def __init__(self, inner: Session, cfg: Config) -> None:
         from mlflow.entities import Param
 
-        from bigmodel import registry  # loads mlflow: only when tracking is on
+        from bigmodel.registry import store  # loads mlflow: only when tracking is on
 
         self.inner = inner
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.run_dir = Path(cfg.train.output_dir) / cfg.name
-        self.client = registry.connect(self.uri, setting="tracking.uri", create=True)
-        experiment_id = registry.ensure_experiment(self.client, cfg.tracking.experiment, self.uri)
+        self.client = store.connect(self.uri, setting="tracking.uri", create=True)
+        experiment_id = store.ensure_experiment(self.client, cfg.tracking.experiment, self.uri)
         self.run_id = self._resumable_run()
         logged: dict[str, str] = {}
         if self.run_id is None:
@@ -159,7 +159,7 @@ class TrackedSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         """Report to the runner, then log the numeric figures at their optimizer step."""
         self.inner.report(metrics, checkpoint_dir)
-        from bigmodel.registry import log_metrics
+        from bigmodel.registry.store import log_metrics
 
         figures = {
             k: float(v)
@@ -178,7 +178,7 @@ class TrackedSession:
     # --- the end of the run
     def finish(self, status: str, seconds: float) -> None:
         """Log files, lineage and the model folder; register it; close the MLflow run."""
-        from bigmodel import registry
+        from bigmodel.registry import store, versions
 
         record: dict[str, Any] = {"run_id": self.run_id, "uri": self.uri}
         try:
@@ -187,14 +187,14 @@ class TrackedSession:
                     self.client.log_artifact(self.run_id, str(self.run_dir / name))
             model_dir = self.run_dir / "model"
             if status == "FINISHED" and model_dir.is_dir():
-                tags = registry.lineage_from_folder(model_dir, seconds, self.world_size)
+                tags = store.lineage_from_folder(model_dir, seconds, self.world_size)
                 for key, value in tags.items():
                     self.client.set_tag(self.run_id, key, value)
-                registry.log_model_folder(self.client, self.run_id, model_dir)
+                store.log_model_folder(self.client, self.run_id, model_dir)
             self.client.set_terminated(self.run_id, status)
             name = self.cfg.tracking.register_as
             if status == "FINISHED" and name and model_dir.is_dir():
-                version = registry.register_run(self.client, self.run_id, name)
+                version = versions.register_run(self.client, self.run_id, name)
                 record["registered"] = f"models:/{name}/{version.version}"
         except Exception as err:
             record["error"] = f"{type(err).__name__}: {err}"

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlflow.exceptions import MlflowException
+from tabulate import tabulate
 
-from bigmodel import registry
+from bigmodel.registry import store, versions
 
 HEADLINE_METRICS = 3
 """Validation figures shown per version in ``show`` (the full set is in ``lineage``)."""
@@ -37,13 +38,9 @@ def _when(millis: int | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header, *[["-" if c in (None, "") else str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """Plain columns under a dashed rule; an empty cell shows as ``-``."""
+    cells = [["-" if c in (None, "") else str(c) for c in row] for row in rows]
+    return tabulate(cells, headers=header, tablefmt="simple", disable_numparse=True)
 
 
 def _headline(metrics: dict[str, float]) -> str:
@@ -59,7 +56,7 @@ def _headline(metrics: dict[str, float]) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    rows = registry.list_models(args.uri)
+    rows = versions.list_models(args.uri)
     if not rows:
         print(f"no registered models in {args.uri}")
         return 0
@@ -82,7 +79,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    rows = registry.model_versions(args.name, args.uri)
+    rows = versions.model_versions(args.name, args.uri)
     print(f"{args.name} ({args.uri})")
     print(
         _table(
@@ -105,7 +102,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    version = registry.register_folder(
+    version = versions.register_folder(
         args.folder, args.name, args.uri, experiment=args.experiment, alias=args.alias
     )
     alias = f" as @{args.alias}" if args.alias else ""
@@ -114,20 +111,20 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    previous = registry.promote(args.name, args.version, args.alias, args.uri)
+    previous = versions.promote(args.name, args.version, args.alias, args.uri)
     before = f" (was version {previous})" if previous else ""
     print(f"models:/{args.name}@{args.alias} -> version {args.version}{before}")
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    old, new = registry.rollback(args.name, args.alias, args.uri, to=args.to)
+    old, new = versions.rollback(args.name, args.alias, args.uri, to=args.to)
     print(f"models:/{args.name}@{args.alias} rolled back: version {old} -> {new}")
     return 0
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    info = registry.lineage(args.model, args.uri)
+    info = versions.lineage(args.model, args.uri)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -185,10 +182,10 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``bigmodel-registry``; returns the exit code."""
     args = _parser().parse_args(argv)
-    args.uri = registry.resolve_uri(args.uri)
+    args.uri = store.resolve_uri(args.uri)
     try:
         return COMMANDS[args.command](args)
-    except registry.RegistryError as err:
+    except store.RegistryError as err:
         print(f"bigmodel-registry: error: {err}", file=sys.stderr)
         return 2
     except MlflowException as err:
