@@ -30,6 +30,7 @@ from bigmodel.config import Config, ConfigError, config_from_dict
 from bigmodel.data import ManifestError, SampleError
 from bigmodel.engine.session import Session
 from bigmodel.registry.tracking import tracked
+from launch import _ray_hooks
 from launch.session import RaySession
 
 # When this process first wrote its worker file (Unix time), by pid.
@@ -90,14 +91,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """
     # Imported here, not at the top: the engine loads DeepSpeed (seconds, and it probes the
     # accelerator), which only the workers need; the driver just pickles this function.
-    from bigmodel.engine import train
+    from bigmodel.engine import quiet_deprecated_collectives, train
 
     quiet_worker_logs()
     cfg = config_from_dict(loop_config["config"], source="bigmodel-train driver")
     session = RaySession()
     write_worker_file(cfg, session)
     try:
-        with tracked(cfg, session) as session:  # MLflow on rank 0 when tracking.enabled
+        # MLflow on rank 0 when tracking.enabled; torch's deprecation line on every ZeRO
+        # collective kept out of the worker's log for this run
+        with tracked(cfg, session) as session, quiet_deprecated_collectives():
             train(cfg, session)
     except DETERMINISTIC_ERRORS as err:
         log = _write_traceback(cfg, session.rank)
@@ -202,16 +205,12 @@ def route_ray_console(log_dir: Path) -> Path | None:
     Ray forwards every worker's and the controller's stdout/stderr to the driver, so one failing
     worker prints pages (its traceback, Ray's actor errors, faiss and DeepSpeed loading
     messages). Ray has no public filter for that stream: this wraps the handler ``ray.init``
-    registers on ``ray._private.worker.global_worker_stdstream_dispatcher``. Set
-    ``BIGMODEL_RAY_CONSOLE=all`` to see everything. Returns the log file (None: unchanged).
+    registers for it (:mod:`launch._ray_hooks`). Set ``BIGMODEL_RAY_CONSOLE=all`` to see
+    everything. Returns the log file (None: unchanged).
     """
     if os.environ.get("BIGMODEL_RAY_CONSOLE", "").lower() == "all":
         return None
-    from ray._private import worker as ray_worker
-
-    dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    handlers = dict(dispatcher.handlers)
-    original = handlers.get("ray_print_logs")
+    original = _ray_hooks.console_handler()
     if original is None or getattr(original, "_bigmodel_log", None):
         return getattr(original, "_bigmodel_log", None)
     path = log_dir / "ray_console.log"
@@ -226,6 +225,5 @@ def route_ray_console(log_dir: Path) -> Path | None:
             original({**data, "lines": keep})
 
     handler._bigmodel_log = path
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", handler)
+    _ray_hooks.replace_console_handler(handler)
     return path

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bigmodel.config import Config, ConfigError
+from bigmodel.engine import _deepspeed_hooks
 from bigmodel.engine._optim import build_optimizer, build_scheduler
 from bigmodel.engine._syncbn import convert_sync_batchnorm
 
@@ -49,6 +50,7 @@ __all__ = [
     "deepspeed_config",
     "distribute",
     "init_distributed",
+    "quiet_deprecated_collectives",
     "resolve_device",
 ]
 
@@ -306,6 +308,24 @@ class Distributed:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
+DEPRECATED_COLLECTIVES = r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+"""Torch's FutureWarning on the collectives ZeRO calls every step (torch 2.14 deprecated them)."""
+
+
+@contextlib.contextmanager
+def quiet_deprecated_collectives() -> Iterator[None]:
+    """Hide torch's deprecation warning on ZeRO's collectives inside the block (one run).
+
+    ZeRO calls ``all_gather_into_tensor`` / ``reduce_scatter_tensor``, which torch marks
+    deprecated with a FutureWarning: a line per call site per rank in every run's log. Scoped
+    (``warnings.catch_warnings``) to the block its caller wraps around a whole run, not the
+    process: the filters are as before when it ends.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=DEPRECATED_COLLECTIVES, category=FutureWarning)
+        yield
+
+
 def distribute(
     model: nn.Module,
     cfg: Config,
@@ -350,34 +370,17 @@ def distribute(
     if cfg.distributed.strategy == "deepspeed":
         import deepspeed  # only here: importing deepspeed is slow and probes accelerators
 
-        # ZeRO calls torch's all_gather_into_tensor / reduce_scatter_tensor, which torch 2.14
-        # marks deprecated with a FutureWarning on every call: one line per step per rank.
-        warnings.filterwarnings(
-            "ignore",
-            message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-            category=FutureWarning,
-        )
         if device.type == "cpu":
-            # DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce for CPU
-            # *inference* (inference_all_reduce) when it starts: about a minute of C++ build on
-            # every fresh machine (and a compiler), for an op training never calls (ZeRO's
-            # collectives go through torch.distributed/gloo). Marking it unavailable skips it.
-            import deepspeed.ops
-
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            # no minute-long JIT build of an inference-only CPU all-reduce (_deepspeed_hooks)
+            _deepspeed_hooks.skip_cpu_shm_comm_build()
         deepspeed.init_distributed(
             dist_backend=_backend(cfg, device),
             auto_mpi_discovery=False,
             timeout=timedelta(seconds=cfg.distributed.timeout_s),
             verbose=False,
         )
-        # DeepSpeed keeps its torch_autocast state in module globals that only an enabled
-        # engine sets: a later fp32 engine in the same process (tests, sweeps) would inherit an
-        # earlier run's fp16 GradScaler and low-precision gradient communication. Reset them.
-        from deepspeed.runtime import torch_autocast as ds_autocast
-
-        ds_autocast.TORCH_AUTOCAST_INITIALIZED = False
-        ds_autocast.TORCH_AUTOCAST_DTYPE = None
+        # an earlier engine's torch_autocast settings must not leak into this one (tests, sweeps)
+        _deepspeed_hooks.reset_torch_autocast_state()
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
