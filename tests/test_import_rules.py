@@ -5,6 +5,8 @@ ray.tune; only bigmodel/engine imports deepspeed (import-linter checks that one 
 """
 
 import ast
+import configparser
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,69 @@ def test_rule_checker_sees_imports(tmp_path):
     src.write_text("from ray.train import report\nimport deepspeed.comm\n")
     names = set(_imports(src))
     assert {"ray.train.report", "deepspeed.comm"} <= names
+
+
+# --- the layout docs/architecture.md names, and the layers contract of setup.cfg
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def _layout_paths() -> list[str]:
+    """The first column of the layout table in docs/architecture.md (``sharding/``, ...)."""
+    text = ARCHITECTURE.read_text()
+    section = text[text.index("## Layout and the import direction") :]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+
+
+def _layers_contract() -> configparser.SectionProxy:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return cfg["importlinter:contract:bigmodel-layers"]
+
+
+def _lines(value: str) -> list[str]:
+    return [line.strip() for line in value.splitlines() if line.strip()]
+
+
+def _bigmodel_children() -> set[str]:
+    """Packages and modules directly inside bigmodel/ (``data``, ``config``, ...)."""
+    pkg = ROOT / "bigmodel"
+    dirs = {p.name for p in pkg.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    return dirs | modules
+
+
+def _name(path: str) -> str:
+    """``bigmodel/data/`` -> ``data``, ``bigmodel/config.py`` -> ``config`` (as in the contract)."""
+    return path.removeprefix("bigmodel/").rstrip("/").removesuffix(".py")
+
+
+def test_every_path_of_the_layout_exists():
+    paths = _layout_paths()
+    assert len(paths) >= 10, f"no layout table found in {ARCHITECTURE}"
+    # a layer the contract marks optional, "(name)", is one being created
+    optional = {n.strip("()") for n in _lines(_layers_contract()["layers"]) if n.startswith("(")}
+    missing = [p for p in paths if not (ROOT / p).exists() and _name(p) not in optional]
+    assert not missing, f"docs/architecture.md lists paths that do not exist: {missing}"
+
+
+def test_every_part_of_bigmodel_is_in_the_layout_and_the_layers():
+    listed = {_name(p) for p in _layout_paths()}
+    contract = _layers_contract()
+    layers = {name.strip("()") for name in _lines(contract["layers"])}
+    not_yet_placed = set(_lines(contract.get("exhaustive_ignores", "")))
+    children = _bigmodel_children() - not_yet_placed
+    assert not children - listed, (
+        f"bigmodel/ has {sorted(children - listed)}, which docs/architecture.md does not list"
+    )
+    assert not children - layers, (
+        f"bigmodel/ has {sorted(children - layers)}, which the layers contract in setup.cfg "
+        f"does not place"
+    )
+    doc_layers = [name for name in map(_name, _layout_paths()) if name in layers]
+    contract_order = [name.strip("()") for name in _lines(contract["layers"])]
+    assert doc_layers == contract_order[::-1], (
+        "docs/architecture.md lists bigmodel's rooms bottom-up in the order of the layers "
+        f"contract: {contract_order[::-1]}, not {doc_layers}"
+    )
