@@ -14,13 +14,12 @@ Naming rules used throughout the project:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from bigmodel.models.tasks import TASKS
 
 __all__ = [
     "AugmentConfig",
@@ -32,6 +31,7 @@ __all__ = [
     "DataConfig",
     "DetectionHeadConfig",
     "DistributedConfig",
+    "HEAD_CONFIGS",
     "HeadConfig",
     "ModelConfig",
     "OptimConfig",
@@ -150,6 +150,45 @@ class BackboneConfig(_Strict):
 
 
 class _HeadBase(_Strict):
+    """What every head config has, and the facts :func:`check_heads` checks for its type.
+
+    The facts are class attributes (not fields): the config schema checks a head without torch,
+    and the task table (:data:`bigmodel.tasks.TASKS`, above the schema) reads them from here.
+    """
+
+    targets: ClassVar[tuple[str, ...]] = ("cls",)
+    """Batch fields the head can learn from (its ``target`` must be one of them)."""
+    min_classes: ClassVar[int] = 1
+    """Fewest ``num_classes`` that make sense for this head type."""
+    classes_note: ClassVar[str] = ""
+    """Why ``min_classes`` is what it is, appended to the error refusing fewer."""
+
+    draws_by_class: ClassVar[bool] = False
+    """Whether ``data.balance`` may name the head (its samples carry one class to draw by)."""
+
+    def needs_classes(self) -> bool:
+        """Whether the head needs ``num_classes`` (filled from the manifest) to be built."""
+        return True
+
+    def fit_to_data(
+        self,
+        field: str,
+        source: str,
+        label_type: str,
+        train_counts: Callable[[str], tuple[int, ...]],
+        train_samples: Callable[[], int],
+    ) -> None:
+        """Settle the options that the training data decides (``bigmodel.data.resolve_config``).
+
+        Args:
+            field: the head's dotted name, ``model.heads.NAME``, for errors.
+            source: the manifest's path, for errors.
+            label_type: the manifest's type of the head's target (``multiclass``, ...; or "").
+            train_counts: ``train_counts(option)``: per-class counts of the target in the
+                training split (raises naming ``option`` when there are none).
+            train_samples: ``train_samples()``: the training split's sample count.
+        """
+
     loss_weight: float = Field(1.0, ge=0.0)
     """Weight of this head's loss in the total."""
     target: str = "cls"
@@ -183,9 +222,54 @@ class ClassificationHeadConfig(_HeadBase):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the classifier."""
 
+    draws_by_class: ClassVar[bool] = True
+
+    def fit_to_data(
+        self,
+        field: str,
+        source: str,
+        label_type: str,
+        train_counts: Callable[[str], tuple[int, ...]],
+        train_samples: Callable[[], int],
+    ) -> None:
+        """``multilabel`` from the manifest; ``balanced`` class or positive weights from counts."""
+        if self.target == "cls":
+            # Only one value can work (cls is int64 [B] or float32 [B, K]), so the data decides
+            # unless the user set it explicitly to the other one.
+            multilabel = label_type == "multilabel"
+            if "multilabel" in self.model_fields_set and self.multilabel != multilabel:
+                raise ConfigError(
+                    f"{field}.multilabel is {self.multilabel} but tasks.cls in {source} is "
+                    f"{label_type}; unset it"
+                )
+            self.multilabel = multilabel
+        if self.class_weights == "balanced":
+            if self.multilabel:
+                raise ConfigError(
+                    f"{field}.class_weights=balanced is for multi-class heads; a multi-label head "
+                    f"weighs rare findings with {field}.pos_weight=balanced"
+                )
+            counts = train_counts(f"{field}.class_weights=balanced")
+            n, k = sum(counts), len(counts)  # scikit-learn's compute_class_weight("balanced")
+            self.class_weights = [round(n / (k * count), 6) for count in counts]
+        if self.pos_weight == "balanced":
+            if not self.multilabel:
+                raise ConfigError(
+                    f"{field}.pos_weight=balanced is for multi-label heads; a multi-class head "
+                    f"uses {field}.class_weights=balanced"
+                )
+            counts = train_counts(f"{field}.pos_weight=balanced")
+            # label_counts holds positives only: every other sample of the split is a negative
+            n = train_samples()
+            self.pos_weight = [round((n - count) / count, 6) for count in counts]
+
 
 class SegmentationHeadConfig(_HeadBase):
     """A decoder over the backbone's feature levels; logits at input resolution."""
+
+    targets: ClassVar[tuple[str, ...]] = ("mask",)
+    min_classes: ClassVar[int] = 2
+    classes_note: ClassVar[str] = "segmentation counts background as class 0"
 
     type: Literal["segmentation"] = "segmentation"
     target: str = "mask"
@@ -205,6 +289,8 @@ class SegmentationHeadConfig(_HeadBase):
 class DetectionHeadConfig(_HeadBase):
     """torchvision detector (RetinaNet, Faster R-CNN, Mask R-CNN) on the shared backbone + FPN."""
 
+    targets: ClassVar[tuple[str, ...]] = ("boxes",)
+
     type: Literal["detection"] = "detection"
     target: str = "boxes"
     detector: Literal["retinanet", "fasterrcnn", "maskrcnn"] = "retinanet"
@@ -223,6 +309,12 @@ class DetectionHeadConfig(_HeadBase):
 
 class RetrievalHeadConfig(_HeadBase):
     """Projection to an L2-normalised embedding trained with a metric-learning loss."""
+
+    targets: ClassVar[tuple[str, ...]] = ("cls", "group")
+
+    def needs_classes(self) -> bool:
+        """Retrieval trained on patient groups has no class list; only ArcFace needs one."""
+        return self.metric_loss == "arcface"
 
     type: Literal["retrieval"] = "retrieval"
     embed_dim: int = Field(128, gt=0)
@@ -250,6 +342,17 @@ HeadConfig = Annotated[
     ],
     Field(discriminator="type"),
 ]
+
+HEAD_CONFIGS: dict[str, type[_HeadBase]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        ClassificationHeadConfig,
+        SegmentationHeadConfig,
+        DetectionHeadConfig,
+        RetrievalHeadConfig,
+    )
+}
+"""Every head config class by its ``type``: the schema's half of the task table, torch-free."""
 
 
 class ModelConfig(_Strict):
@@ -503,32 +606,34 @@ class Config(_Strict):
 
 
 def check_heads(model: ModelConfig, resolved: bool = False) -> None:
-    """Check every head against its entry in the task table; the error names the field.
+    """Check every head against the facts of its type; the error names the field.
 
-    Run when a config is loaded (target, class counts and per-class lists, where set) and again
-    when the model is built with ``resolved=True``: then a head that needs ``num_classes`` must
-    have it, filled from the dataset manifest by ``bigmodel.data.resolve_config``.
+    The facts (``targets``, ``min_classes``, ``needs_classes``) are class attributes of the head
+    configs, which the task table (:data:`bigmodel.tasks.TASKS`) reads too. Run when a config is
+    loaded (target, class counts and per-class lists, where set) and again when the model is
+    built with ``resolved=True``: then a head that needs ``num_classes`` must have it, filled
+    from the dataset manifest by ``bigmodel.data.resolve_config``.
 
     Raises:
         ConfigError: the first head that cannot be built, naming ``model.heads.NAME.FIELD``.
     """
     for name, head in model.heads.items():
-        task, field = TASKS[head.type], f"model.heads.{name}"
-        if head.target not in task.targets:
+        field = f"model.heads.{name}"
+        if head.target not in head.targets:
             raise ConfigError(
                 f"{field}.target={head.target!r} cannot train a {head.type} head; allowed: "
-                f"{', '.join(task.targets)}"
+                f"{', '.join(head.targets)}"
             )
-        if resolved and head.num_classes is None and task.needs_classes(head):
+        if resolved and head.num_classes is None and head.needs_classes():
             raise ConfigError(
                 f"{field}.num_classes is not set: fill it from the dataset manifest with "
                 f"bigmodel.data.resolve_config(cfg, manifest) or set {field}.num_classes=N"
             )
-        if head.num_classes is not None and head.num_classes < task.min_classes:
-            note = f" ({task.classes_note})" if task.classes_note else ""
+        if head.num_classes is not None and head.num_classes < head.min_classes:
+            note = f" ({head.classes_note})" if head.classes_note else ""
             raise ConfigError(
                 f"{field}.num_classes={head.num_classes}: a {head.type} head needs at least "
-                f"{task.min_classes}{note}"
+                f"{head.min_classes}{note}"
             )
         for per_class in ("class_weights", "pos_weight"):
             values = getattr(head, per_class, None)

@@ -51,7 +51,7 @@ def _check_backbone(cfg: Config) -> list[str]:
 def _check_data(cfg: Config) -> list[str]:
     """Shard folder, manifest, splits and their shard files, head targets in the manifest."""
     from bigmodel.data import ManifestError, load_manifest, resolve_config
-    from bigmodel.models.tasks import TASKS
+    from bigmodel.tasks import TASKS
 
     data = cfg.data
     if not data.shards:

@@ -18,7 +18,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from bigmodel.config import Config, ConfigError, config_from_dict, load_config
 from bigmodel.data import load_manifest, make_train_loader, resolve_config
-from bigmodel.losses import ClassificationLoss
+from bigmodel.tasks.losses import ClassificationLoss
 from sharding import format as fmt
 
 COUNTS = [60, 30, 10]

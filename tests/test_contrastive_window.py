@@ -29,7 +29,7 @@ from torch import nn
 
 from bigmodel.config import RetrievalHeadConfig
 from bigmodel.engine import LocalSession, fit
-from bigmodel.losses import RetrievalLoss
+from bigmodel.tasks.losses import RetrievalLoss
 
 
 class TinyRetrieval(nn.Module):

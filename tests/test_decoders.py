@@ -7,7 +7,7 @@ import torch
 
 from bigmodel.config import ConfigError, ModelConfig, SegmentationHeadConfig, load_config
 from bigmodel.models import build_model
-from bigmodel.models.heads.segmentation import FPNDecoder, UNetDecoder, unet_block_channels
+from bigmodel.tasks.heads.segmentation import FPNDecoder, UNetDecoder, unet_block_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ from bigmodel.config import (
     RetrievalHeadConfig,
     SegmentationHeadConfig,
 )
-from bigmodel.losses import (
+from bigmodel.tasks.losses import (
     ClassificationLoss,
     RetrievalLoss,
     SegmentationLoss,
@@ -163,7 +163,7 @@ def test_multilabel_pos_weight_scales_only_positives():
 
 def test_string_labels_are_stable_across_batches():
     """Patient ids map to the same integer in any batch (and so on any rank)."""
-    from bigmodel.losses import _labels_as_ints
+    from bigmodel.tasks.losses import _labels_as_ints
 
     first = _labels_as_ints(["p7", "p1", "p7"], torch.device("cpu"))
     second = _labels_as_ints(["p1", "p7"], torch.device("cpu"))

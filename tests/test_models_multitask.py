@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel.config import ConfigError, ModelConfig
-from bigmodel.models import RetrievalIndex, build_model
+from bigmodel.models import build_model
+from bigmodel.tasks.heads import RetrievalIndex
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

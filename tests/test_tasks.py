@@ -11,7 +11,8 @@ import torch
 
 from bigmodel.config import ConfigError, HeadConfig, config_from_dict, load_config
 from bigmodel.metrics import build_metrics
-from bigmodel.models import TASKS, build_model
+from bigmodel.models import build_model
+from bigmodel.tasks import TASKS
 from sharding.format import TASK_MEMBERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,8 +56,7 @@ def test_table_covers_the_config_schema_and_names_real_classes():
     assert set(TASKS) == config_types
     for kind, task in TASKS.items():
         for member in (task.head, task.loss, task.metrics):
-            resolved = member.resolve()
-            assert isinstance(resolved, type) and resolved.__name__ == member.name, (kind, member)
+            assert isinstance(member, type), (kind, member)
         # every target is a manifest task (sharding/format.py) or the patient group
         assert set(task.targets) <= {*TASK_MEMBERS, "group"}, kind
 
@@ -67,8 +67,8 @@ def test_every_task_builds_trains_and_scores_from_the_table(kind):
     cfg = _config(kind)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    assert type(model.heads["h"]) is TASKS[kind].head.resolve()
-    assert type(model.criteria["h"]) is TASKS[kind].loss.resolve()
+    assert type(model.heads["h"]) is TASKS[kind].head
+    assert type(model.criteria["h"]) is TASKS[kind].loss
     batch = _batch()
     out = model(batch["image"], batch)
     loss = out["losses"]["h"]
@@ -80,7 +80,7 @@ def test_every_task_builds_trains_and_scores_from_the_table(kind):
     with torch.no_grad():
         outputs = model(batch["image"])["outputs"]
     metrics = build_metrics(cfg.model)
-    assert type(metrics.groups["h"]) is TASKS[kind].metrics.resolve()
+    assert type(metrics.groups["h"]) is TASKS[kind].metrics
     metrics.update(outputs, batch)
     figures = metrics.compute()
     assert figures["h/count"] > 0
@@ -121,7 +121,7 @@ def test_num_classes_may_wait_for_the_manifest_until_the_model_is_built():
 def test_loading_a_config_imports_no_torch():
     """Light CLIs load configs: the table's heavy members stay unimported until used."""
     code = (
-        "import sys; from bigmodel.config import load_config; from bigmodel.models import TASKS; "
+        "import sys; from bigmodel.config import load_config; from bigmodel.config import HEAD_CONFIGS as TASKS; "
         "assert TASKS['segmentation'].min_classes == 2; "
         "print(sorted(m for m in ('torch', 'timm', 'torchmetrics') if m in sys.modules))"
     )

@@ -20,6 +20,7 @@ from bigmodel.data.manifest import (
 )
 from bigmodel.data.pipeline import (
     EvalLoader,
+    SplitSamples,
     TrainLoader,
     make_eval_loader,
     make_train_loader,
@@ -33,6 +34,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "SampleError",
+    "SplitSamples",
     "TrainLoader",
     "apply_intensity",
     "collate",

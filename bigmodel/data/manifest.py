@@ -14,6 +14,7 @@ from each. :class:`Manifest` is the training side's view of it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -332,30 +333,6 @@ def _train_counts(field: str, target: str, manifest: Manifest, cfg: Config) -> t
     return counts
 
 
-def _balanced_loss_weights(name: str, head: Any, manifest: Manifest, cfg: Config) -> None:
-    """Replace ``class_weights``/``pos_weight`` = ``balanced`` by numbers from the counts."""
-    field = f"model.heads.{name}"
-    if head.class_weights == "balanced":
-        if head.multilabel:
-            raise ConfigError(
-                f"{field}.class_weights=balanced is for multi-class heads; a multi-label head "
-                f"weighs rare findings with {field}.pos_weight=balanced"
-            )
-        counts = _train_counts(f"{field}.class_weights=balanced", head.target, manifest, cfg)
-        n, k = sum(counts), len(counts)  # scikit-learn's compute_class_weight("balanced")
-        head.class_weights = [round(n / (k * count), 6) for count in counts]
-    if head.pos_weight == "balanced":
-        if not head.multilabel:
-            raise ConfigError(
-                f"{field}.pos_weight=balanced is for multi-label heads; a multi-class head uses "
-                f"{field}.class_weights=balanced"
-            )
-        counts = _train_counts(f"{field}.pos_weight=balanced", head.target, manifest, cfg)
-        # label_counts holds positives only: every other sample of the split is a negative
-        n = manifest.split(cfg.data.train_split).num_samples
-        head.pos_weight = [round((n - count) / count, 6) for count in counts]
-
-
 @dataclass(frozen=True)
 class ClassBalance:
     """``data.balance``: how the training stream thins samples to draw classes equally."""
@@ -387,7 +364,7 @@ def class_balance(cfg: Config, manifest: Manifest) -> ClassBalance | None:
     head = cfg.model.heads.get(name)
     if head is None:
         raise ConfigError(f"data.balance={name!r} is not a head; heads: {sorted(cfg.model.heads)}")
-    if head.type != "classification":
+    if not head.draws_by_class:
         raise ConfigError(
             f"data.balance={name!r} names a {head.type} head; balancing draws samples by their "
             f"class, which needs a classification head"
@@ -437,17 +414,13 @@ def resolve_config(cfg: Config, manifest: Manifest) -> Config:
                 f"model.heads.{name}.num_classes is {head.num_classes} but target "
                 f"{head.target!r} has {num_classes} classes in {manifest.path}; unset it"
             )
-        if head.type == "classification" and head.target == "cls":
-            # Only one value can work (cls is int64 [B] or float32 [B, K]), so the data decides
-            # unless the user set it explicitly to the other one.
-            multilabel = manifest.tasks["cls"].multilabel
-            if "multilabel" in head.model_fields_set and head.multilabel != multilabel:
-                raise ConfigError(
-                    f"model.heads.{name}.multilabel is {head.multilabel} but tasks.cls in "
-                    f"{manifest.path} is {manifest.tasks['cls'].type}; unset it"
-                )
-            head.multilabel = multilabel
-        if head.type == "classification":
-            _balanced_loss_weights(name, head, manifest, cfg)
+        # what else the data decides is the head's own (multilabel, balanced weights)
+        head.fit_to_data(
+            f"model.heads.{name}",
+            str(manifest.path),
+            manifest.tasks[head.target].type if head.target in manifest.tasks else "",
+            partial(_train_counts, target=head.target, manifest=manifest, cfg=cfg),
+            lambda: manifest.split(cfg.data.train_split).num_samples,
+        )
     class_balance(cfg, manifest)  # an impossible data.balance fails here, before any worker
     return cfg

@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DamagedShardError",
     "EvalLoader",
+    "SplitSamples",
     "TrainLoader",
     "make_eval_loader",
     "make_train_loader",
@@ -521,3 +522,41 @@ def make_eval_loader(
     integrity = _Integrity(manifest.root, data.on_damaged_shard)
     loader = _data_loader(wds.DataPipeline(*stages), workers)
     return EvalLoader(loader, batches, num_samples, integrity)
+
+
+class SplitSamples:
+    """Every sample of ``split`` once, in manifest order, decoded but not transformed.
+
+    Whole images with their stored pixels (``image`` not normalised, cropped or resized), their
+    labels, ``has`` flags, ``window`` and ``volume``: what ``bigmodel-eval`` needs to normalise
+    per sample and to draw its pictures. With ``verify`` each shard is hashed as it streams;
+    :attr:`damaged` names the shards whose bytes do not match ``dataset.json``, known once the
+    pass is over. Iterating again reads the split again (a picture's few samples).
+    """
+
+    def __init__(self, manifest: Manifest, split: str, verify: bool = True) -> None:
+        self.manifest = manifest
+        self.paths = manifest.shard_paths(split)
+        shards = manifest.split(split).shards
+        digests = {p: s.sha256 for p, s in zip(self.paths, shards, strict=True) if s.sha256}
+        self.check = ShardCheck(digests if verify else {})
+
+    @property
+    def damaged(self) -> set[str]:
+        """Shards whose bytes did not hash to their sha256 in ``dataset.json`` (so far)."""
+        return self.check.damaged
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if not self.paths:
+            return iter(())
+        stages = [
+            # every shard of the split once, in manifest order: {"url": path}
+            partial(_shard_list, self.paths),
+            # raw samples, each shard hashed as it streams (verify) and checked at its end
+            self.check.samples,
+            # numpy arrays, ints, JSON objects
+            wds.decode(png_handler),
+            # tensors: image [C, H, W] as stored, labels, has flags
+            wds.map(SampleDecoder(self.manifest)),
+        ]
+        return iter(wds.DataPipeline(*stages))

@@ -6,7 +6,7 @@ sees its own negatives. With ``across_accumulation`` on a retrieval head, the tr
 the window's ``k`` micro-batches first and :meth:`ContrastiveWindow.embed` runs them once without
 gradients while the losses record their embeddings; then each micro-batch is run again with
 gradients and its loss is computed over the whole window, its own slot live and the others
-recorded (``bigmodel.losses.AccumulationWindow``). The sum of the ``k`` micro-steps' gradients is
+recorded (``bigmodel.tasks.losses.AccumulationWindow``). The sum of the ``k`` micro-steps' gradients is
 then the gradient of one batch ``k`` times larger.
 
 For the recorded embeddings to equal the live ones, each rerun starts from the RNG state its
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from bigmodel.engine._strategy import Distributed
-from bigmodel.losses import AccumulationWindow, RetrievalLoss
+from bigmodel.tasks.losses import AccumulationWindow, RetrievalLoss
 
 
 class ContrastiveWindow:

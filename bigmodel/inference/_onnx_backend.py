@@ -3,8 +3,8 @@
 ``bigmodel-export`` writes graphs that take ``[N, C, S, S]`` windows (``S`` = training size).
 :class:`OnnxModel` looks like a ``MultiTaskModel`` to ``bigmodel.models.window`` (``head_configs``
 and ``model(images)["outputs"]``), so sliding windows, fitting and every writer work unchanged;
-images smaller than a window are padded with 0 (the normalised mean) and dense outputs cropped
-back. On CPU ONNX Runtime runs these convolutional graphs several times faster than eager
+images smaller than a window are padded with 0 (the normalised mean) and each head's task cuts
+its output back (``Task.crop``). On CPU ONNX Runtime runs these convolutional graphs several times faster than eager
 PyTorch (see ``benchmarks/bench_predict.py``).
 """
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.model_folder import LoadedModel, ModelFolderError
+from bigmodel.tasks import TASKS
 
 __all__ = ["ONNX_FILE", "OnnxModel"]
 
@@ -44,7 +45,7 @@ class OnnxModel(nn.Module):
         self.names = [output.name for output in self.session.get_outputs()]
         self.input = self.session.get_inputs()[0].name
         self.size = loaded.preprocessing.image_size
-        self.types = {name: loaded.preprocessing.head_types[name] for name in self.names}
+        self.tasks = {name: TASKS[loaded.preprocessing.head_types[name]] for name in self.names}
         self.head_configs = {name: loaded.config.model.heads[name] for name in self.names}
 
     def forward(self, images: torch.Tensor, batch: Any = None) -> dict[str, Any]:
@@ -56,8 +57,7 @@ class OnnxModel(nn.Module):
         feed = {self.input: images.detach().float().cpu().contiguous().numpy()}
         outputs = {}
         for name, value in zip(self.names, self.session.run(None, feed), strict=True):
-            out = torch.from_numpy(value)
-            if self.types[name] == "segmentation":
-                out = out[..., top : top + height, left : left + width]
-            outputs[name] = out
+            outputs[name] = self.tasks[name].crop(
+                torch.from_numpy(value), (top, left), (height, width)
+            )
         return {"outputs": outputs}

@@ -39,17 +39,11 @@ from bigmodel.engine.checkpoint import META, consolidated_state_dict, is_complet
 from bigmodel.inference.loading import load_model
 from bigmodel.model_folder import CONFIG, WEIGHTS, ModelFolderError, save_model
 from bigmodel.preprocessing import Preprocessing, preprocessing_from
+from bigmodel.tasks import TASKS
 
-__all__ = ["EXPORT_REFUSALS", "ExportError", "export", "exportable_heads", "main"]
+__all__ = ["ExportError", "export", "exportable_heads", "main"]
 
 FORMATS = ("safetensors", "onnx", "pt2")
-EXPORT_REFUSALS = {
-    "detection": "torchvision's detector post-processing (anchor decoding, score filtering and "
-    "per-image NMS giving a different number of boxes per image) is data-dependent control "
-    "flow that ONNX and torch.export cannot trace into one static graph; run it with "
-    "bigmodel-predict, which has no such limit",
-}
-"""Head types that cannot be exported, and why."""
 ONNX_OPSET = 18
 REPORT = "export_report.json"
 # Agreement required between an exported graph and the eager model (fp32, same input).
@@ -78,8 +72,9 @@ class _Heads(nn.Module):
 
 
 def exportable_heads(head_types: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """Heads that export, and ``{head: reason}`` for the ones that do not."""
-    refused = {n: EXPORT_REFUSALS[t] for n, t in head_types.items() if t in EXPORT_REFUSALS}
+    """Heads that export, and ``{head: reason}`` for the ones that do not (``Task.export_refusal``)."""
+    reasons = {n: TASKS[t].export_refusal for n, t in head_types.items()}
+    refused = {n: reason for n, reason in reasons.items() if reason is not None}
     return [n for n in head_types if n not in refused], refused
 
 

@@ -4,8 +4,9 @@
   :func:`bigmodel.models.window.whole_image_outputs`, sliding windows where an image is larger.
 * ``data.resize=fit`` (the model trained on images scaled so the longer side is ``image_size``,
   padded to a square): the image is fitted the same way (``window.fit_to_size``), the model runs
-  once, and dense outputs are mapped back to the input's pixels (padding cut off, logits resized
-  bilinearly; boxes shifted and scaled), so labels and volumes are in the input's own grid.
+  once, and each head's task maps its output back to the input's pixels (``Task.to_pixels``:
+  padding cut off, logits resized bilinearly; boxes shifted and scaled), so labels and volumes
+  are in the input's own grid.
 
 Used by ``Predictor`` and ``bigmodel-eval`` alike, so both see the same outputs.
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bigmodel.models.window import fit_to_size, whole_image_outputs
 from bigmodel.preprocessing import Preprocessing
+from bigmodel.tasks import TASKS
 
 __all__ = ["forward"]
 
@@ -40,19 +41,9 @@ def forward(model: nn.Module, images: Tensor, prep: Preprocessing) -> dict[str, 
     size = prep.image_size
     scale, top, left, new_h, new_w = _fitted_geometry(height, width, size)
     outputs = model(fit_to_size(images, size))["outputs"]
-    mapped: dict[str, Any] = {}
-    for name, out in outputs.items():
-        kind = prep.head_types[name]
-        if kind == "segmentation":
-            inside = out[..., top : top + new_h, left : left + new_w].float()
-            mapped[name] = F.interpolate(
-                inside, size=(height, width), mode="bilinear", align_corners=False
-            )
-        elif kind == "detection":
-            shift = torch.tensor([left, top, left, top], dtype=torch.float32)
-            mapped[name] = [
-                {**det, "boxes": (det["boxes"] - shift.to(det["boxes"])) / scale} for det in out
-            ]
-        else:
-            mapped[name] = out
-    return mapped
+    return {
+        name: TASKS[prep.head_types[name]].to_pixels(
+            out, (top, left), (new_h, new_w), (height, width), scale
+        )
+        for name, out in outputs.items()
+    }

@@ -41,6 +41,7 @@ from bigmodel.preprocessing import (
     normalize,
     slice_volume,
 )
+from bigmodel.tasks import TASKS, SummaryContext
 from sharding.format import volume_intensity
 
 __all__ = ["Predictor", "main"]
@@ -78,7 +79,7 @@ class Predictor:
         else:
             raise ValueError(f"backend {backend!r}: choose torch or onnxruntime")
         self.batch_size = batch_size
-        self.heads = {name: self.prep.head_types[name] for name in self.model.head_configs}
+        self.tasks = {name: TASKS[self.prep.head_types[name]] for name in self.model.head_configs}
 
     # ------------------------------------------------------------------ arrays
 
@@ -112,35 +113,17 @@ class Predictor:
             )
         if volume is None and self.prep.intensity and self.prep.intensity.get("scheme") == "mr":
             volume = volume_intensity(_source_channels(images.numpy(), self.prep))
-        parts: dict[str, list[Any]] = {name: [] for name in self.heads}
+        parts: dict[str, list[Any]] = {name: [] for name in self.tasks}
+        configs = self.loaded.config.model.heads
         for start in range(0, images.shape[0], self.batch_size):
             raw = images[start : start + self.batch_size].to(self.device)
             batch = normalize(raw, self.prep, window, volume)
             outputs = forward(self.model, batch, self.prep)
             for name, out in outputs.items():
-                parts[name].append(self._postprocess(name, out))
+                parts[name].append(self.tasks[name].to_numpy(out, configs[name]))
             if progress is not None:
                 progress.update(int(batch.shape[0]))
-        result: dict[str, Any] = {}
-        for name, chunks in parts.items():
-            if self.heads[name] == "detection":
-                result[name] = [det for chunk in chunks for det in chunk]
-            else:
-                result[name] = np.concatenate(chunks) if chunks else np.zeros((0,))
-        return result
-
-    def _postprocess(self, name: str, out: Any) -> Any:
-        kind = self.heads[name]
-        cfg = self.loaded.config.model.heads[name]
-        if kind == "classification":
-            multilabel = getattr(cfg, "multilabel", False)
-            probs = out.float().sigmoid() if multilabel else out.float().softmax(dim=1)
-            return probs.cpu().numpy()
-        if kind == "segmentation":
-            return out.argmax(dim=1).to(torch.uint8).cpu().numpy()
-        if kind == "retrieval":
-            return out.float().cpu().numpy()
-        return [{k: v.detach().cpu().numpy() for k, v in det.items()} for det in out]
+        return {name: self.tasks[name].concat(chunks) for name, chunks in parts.items()}
 
     def samples_of(self, study: Study) -> np.ndarray:
         """The model's input samples ``[N, C', H, W]`` cut from one study, as in training."""
@@ -181,59 +164,41 @@ class Predictor:
             "slices": int(samples.shape[0]),
             "heads": {},
         }
+        ctx = SummaryContext(
+            study=study,
+            slice_dim=AXES[self.prep.axis],
+            write_labels=lambda head, labels, names: self._write_labels(
+                head, labels, names, study, out_dir, name
+            ),
+        )
         for head, value in outputs.items():
-            kind = self.heads[head]
-            if kind == "classification":
-                entry = self._classification_summary(head, value, study)
-            elif kind == "segmentation":
-                entry = self._segmentation_summary(head, value, study, out_dir, name)
-            elif kind == "retrieval":
-                entry = {"embedding": value.mean(axis=0).round(6).tolist()}
-                if study.is_volume:
-                    entry["note"] = "mean of the per-slice embeddings"
-            else:
-                entry = self._detection_summary(head, value, study)
-            summary["heads"][head] = {"type": kind, **entry}
+            task = self.tasks[head]
+            classes = self.prep.classes.get(head) or []
+            summary["heads"][head] = {"type": task.name, **task.summary(head, value, classes, ctx)}
         summary["seconds"] = round(time.perf_counter() - started, 3)
         summary["summary_file"] = str(write_json(out_dir / f"{name}.json", summary))
         return summary
-
-    def _classification_summary(self, head: str, probs: np.ndarray, study: Study) -> dict:
-        names = self.prep.classes.get(head) or [str(k) for k in range(probs.shape[1])]
-        mean = probs.mean(axis=0)
-        entry: dict[str, Any] = {
-            "probabilities": {c: round(float(p), 6) for c, p in zip(names, mean, strict=True)},
-            "predicted": names[int(mean.argmax())],
-        }
-        if study.is_volume:
-            entry["note"] = "volume probabilities are the mean over its slices"
-            entry["per_slice_predicted"] = [names[int(k)] for k in probs.argmax(axis=1)]
-        return entry
 
     def _restack(self, labels: np.ndarray, study: Study) -> np.ndarray:
         """Per-slice maps ``[N, h, w]`` back into the volume's ``[z, y, x]`` order."""
         return np.moveaxis(labels, 0, AXES[self.prep.axis])
 
-    def _segmentation_summary(
-        self, head: str, labels: np.ndarray, study: Study, out_dir: Path, name: str
+    def _write_labels(
+        self,
+        head: str,
+        labels: np.ndarray,
+        names: list[str],
+        study: Study,
+        out_dir: Path,
+        name: str,
     ) -> dict:
-        names = self.prep.classes.get(head) or [str(k) for k in range(int(labels.max()) + 1)]
-        counts = np.bincount(labels.ravel(), minlength=len(names))[: len(names)]
-        entry: dict[str, Any] = {"voxels": {c: int(n) for c, n in zip(names, counts, strict=True)}}
-        if study.is_volume:
-            volume = self._restack(labels, study)
-            voxel_ml = float(np.prod(study.spacing)) / 1000.0 if study.spacing else None
-            if voxel_ml is not None:
-                entry["volumes_ml"] = {
-                    c: round(int(n) * voxel_ml, 3)
-                    for c, n in zip(names[1:], counts[1:], strict=True)
-                }
-            path = write_nifti(out_dir / f"{name}_{head}.nii.gz", volume, study)
-            entry["output"] = str(path)
-            if study.kind == "dicom" and study.dicom_files:
-                entry |= self._dicom_seg(out_dir / f"{name}_{head}.seg.dcm", volume, study, names)
-        else:
-            entry["output"] = str(write_png(out_dir / f"{name}_{head}.png", labels[0]))
+        """A head's label maps as files: PNG for an image; NIfTI (and DICOM SEG) for a volume."""
+        if not study.is_volume:
+            return {"output": str(write_png(out_dir / f"{name}_{head}.png", labels[0]))}
+        volume = self._restack(labels, study)
+        entry = {"output": str(write_nifti(out_dir / f"{name}_{head}.nii.gz", volume, study))}
+        if study.dicom_files:  # a DICOM series: the SEG references its instances
+            entry |= self._dicom_seg(out_dir / f"{name}_{head}.seg.dcm", volume, study, names)
         return entry
 
     def _dicom_seg(self, path: Path, volume: np.ndarray, study: Study, names: list[str]) -> dict:
@@ -247,40 +212,6 @@ class Predictor:
             # highdicom refuses series lacking attributes a SEG must reference (e.g. no frame
             # of reference); the NIfTI output above is still valid.
             return {"dicom_seg_error": f"{type(err).__name__}: {err}"}
-
-    def _world(self, study: Study, points_zyx: np.ndarray) -> np.ndarray | None:
-        """Voxel coordinates ``[..., (z, y, x)]`` -> world (RAS, mm) through the input's affine."""
-        if study.affine is None:
-            return None
-        xyz = points_zyx[..., ::-1]
-        return xyz @ study.affine[:3, :3].T + study.affine[:3, 3]
-
-    def _detection_summary(self, head: str, detections: list[dict], study: Study) -> dict:
-        names = self.prep.classes.get(head) or []
-        found = []
-        dim = AXES[self.prep.axis]
-        for index, det in enumerate(detections):
-            for box, score, label in zip(det["boxes"], det["scores"], det["labels"], strict=True):
-                item: dict[str, Any] = {
-                    "label": names[int(label)] if int(label) < len(names) else int(label),
-                    "score": round(float(score), 4),
-                    "box_pixels_xyxy": [round(float(v), 2) for v in box],
-                }
-                if study.is_volume:
-                    item["slice"] = index
-                    corners = []
-                    for x, y in ((box[0], box[1]), (box[2], box[3])):
-                        plane = [float(y), float(x)]  # the slice's two axes, in [D, H, W] order
-                        plane.insert(dim, float(index))
-                        corners.append(plane)
-                    world = self._world(study, np.array(corners))
-                    if world is not None:
-                        item["corners_ras_mm"] = world.round(2).tolist()
-                found.append(item)
-        entry: dict[str, Any] = {"detections": found}
-        if study.is_volume and study.affine is not None:
-            entry["coordinates"] = "corners_ras_mm: RAS+ world millimetres (NIfTI convention)"
-        return entry
 
 
 def _source_channels(samples: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -343,13 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(summary: dict) -> str:
     parts = [Path(summary["input"]).name]
     for head, entry in summary["heads"].items():
-        if entry["type"] == "classification":
-            parts.append(f"{head}={entry['predicted']}")
-        elif entry["type"] == "segmentation" and "volumes_ml" in entry:
-            vols = ", ".join(f"{c} {v:.1f} mL" for c, v in entry["volumes_ml"].items())
-            parts.append(f"{head}: {vols}")
-        elif entry["type"] == "detection":
-            parts.append(f"{head}: {len(entry['detections'])} box(es)")
+        part = TASKS[entry["type"]].one_line(head, entry)
+        if part is not None:
+            parts.append(part)
     return "  ".join(parts) + f"  -> {summary['summary_file']}"
 
 

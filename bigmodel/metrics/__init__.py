@@ -1,7 +1,8 @@
 """Evaluation metrics of a multi-task model, as one flat dict of named figures.
 
 ``build_metrics(model_cfg)`` gives a :class:`MetricSet` with one metric group per head, picked by
-the head's type from the task table (:data:`bigmodel.models.tasks.TASKS`). Everything underneath is torchmetrics, so the figures
+the head's type from the task table (:data:`bigmodel.tasks.TASKS`; the groups live in
+:mod:`bigmodel.tasks.metrics`). Everything underneath is torchmetrics, so the figures
 are synced across ranks when ``torch.distributed`` is initialised: ``compute()`` gathers the
 states of every rank (call it on all ranks) and every rank gets the same numbers.
 
@@ -28,11 +29,13 @@ import torch
 from torch import nn
 
 from bigmodel.config import ModelConfig
-from bigmodel.metrics._classification import ClassificationMetrics
-from bigmodel.metrics._detection import DetectionMetrics
-from bigmodel.metrics._retrieval import RetrievalMetrics
-from bigmodel.metrics._segmentation import SegmentationMetrics
-from bigmodel.models.tasks import TASKS
+from bigmodel.tasks import TASKS
+from bigmodel.tasks.metrics import (
+    ClassificationMetrics,
+    DetectionMetrics,
+    RetrievalMetrics,
+    SegmentationMetrics,
+)
 
 __all__ = [
     "ClassificationMetrics",

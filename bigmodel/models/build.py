@@ -1,6 +1,6 @@
 """Build a :class:`MultiTaskModel` from a :class:`ModelConfig`: the one place mapping names to code.
 
-Each head's ``type`` picks its entry in the task table (:data:`bigmodel.models.tasks.TASKS`):
+Each head's ``type`` picks its entry in the task table (:data:`bigmodel.tasks.TASKS`):
 the head module and its loss come from there; the backbone is any timm model by name.
 """
 
@@ -11,7 +11,7 @@ import torch
 from bigmodel.config import ModelConfig, check_heads
 from bigmodel.models.backbone import create_backbone
 from bigmodel.models.multitask import MultiTaskModel
-from bigmodel.models.tasks import TASKS
+from bigmodel.tasks import TASKS
 
 __all__ = ["build_model"]
 

@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from bigmodel.config import RetrievalHeadConfig
-from bigmodel.metrics._common import NAN, labelled_mask
+from bigmodel.tasks.metrics._common import NAN, labelled_mask
 
 RECALL_AT = (1, 5, 10)
 """The K of the reported Recall@K figures."""

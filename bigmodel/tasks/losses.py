@@ -6,7 +6,7 @@ batch holds no usable label (the multi-task model then adds ``0 * output.sum()``
 an exact zero gradient). Library losses are used wherever one exists: ``F.cross_entropy``
 (label smoothing, class weights, ignore index), torchvision's ``sigmoid_focal_loss``,
 pytorch-metric-learning's metric losses; detection losses are computed by torchvision's detectors.
-Which loss a head type gets is its entry in the task table (``bigmodel.models.tasks.TASKS``).
+Which loss a head type gets is its entry in the task table (``bigmodel.tasks.TASKS``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ normalised CT/MR intensities have no fixed display range.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -14,8 +15,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-from bigmodel.inference.files import atomic_write  # noqa: E402
 
 __all__ = [
     "confusion_matrix_png",
@@ -27,11 +26,15 @@ __all__ = [
 
 
 def _save(fig, path: Path) -> Path:
-    def write(tmp: Path) -> None:
+    """Write the figure under a temporary name beside ``path``, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-
-    atomic_write(path, write)
-    plt.close(fig)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 

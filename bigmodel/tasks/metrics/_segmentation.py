@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from bigmodel.config import SegmentationHeadConfig
-from bigmodel.metrics._common import NAN, labelled_mask, require_num_classes
+from bigmodel.tasks.metrics._common import NAN, labelled_mask, require_num_classes
 
 
 class SegmentationMetrics(nn.Module):

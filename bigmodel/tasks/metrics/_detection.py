@@ -17,7 +17,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
 from bigmodel.config import DetectionHeadConfig
-from bigmodel.metrics._common import NAN, labelled_mask
+from bigmodel.tasks.metrics._common import NAN, labelled_mask
 
 MATCH_IOU = 0.5
 """IoU at which a detection counts as a hit for ``precision_50`` / ``recall_50``."""

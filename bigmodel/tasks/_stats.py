@@ -15,7 +15,7 @@ __all__ = ["bootstrap_counts", "dice", "foreground_mean", "interval"]
 def dice(confusion: np.ndarray) -> np.ndarray:
     """Per-class Dice of one or many ``[..., K, K]`` confusion matrices (NaN where unseen).
 
-    The same definition as ``bigmodel.metrics.SegmentationMetrics`` (2TP / (2TP + FP + FN)
+    The same definition as ``bigmodel.tasks.metrics.SegmentationMetrics`` (2TP / (2TP + FP + FN)
     over all pixels); kept as numpy here so a thousand bootstrap replicates take milliseconds.
     """
     confusion = confusion.astype(np.float64)

@@ -20,7 +20,7 @@ from torchmetrics.classification import (
 )
 
 from bigmodel.config import ClassificationHeadConfig
-from bigmodel.metrics._common import NAN, labelled_mask, require_num_classes
+from bigmodel.tasks.metrics._common import NAN, labelled_mask, require_num_classes
 
 UNKNOWN = -1  # batch contract: a class label of -1 is unknown
 

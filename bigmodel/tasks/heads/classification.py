@@ -11,7 +11,7 @@ class ClassificationHead(nn.Module):
     """Logits ``[B, num_classes]`` from the globally averaged coarsest feature map.
 
     Multi-class and multi-label share this head; they differ only in the loss
-    (:class:`bigmodel.losses.ClassificationLoss`) and in how metrics read the logits.
+    (:class:`bigmodel.tasks.losses.ClassificationLoss`) and in how metrics read the logits.
     """
 
     needs_targets = False
