@@ -22,6 +22,12 @@ label maps, a CSV of class labels and patient ids), then prints two tables:
    resumes at 90% of an epoch, replaying the epoch's stream up to the checkpoint (what the
    engine did before the data position was seeded) against starting the seeded stream at the
    step (``TrainLoader.set_epoch(epoch, start_step)``); cold page cache for both.
+4. **Object storage**: the same shard pipeline (sha256 checked) reading the same shards from an
+   S3-compatible server on loopback (moto's ``ThreadedMotoServer``, started here on 127.0.0.1,
+   reached through s3fs as a bucket would be) against reading them from local disk (cold page
+   cache), side by side; then a second epoch with ``data.cache_dir`` (served from the node-local
+   copies the first remote epoch left). The server shares this machine's cores with the loader,
+   so the ratio is a floor for a real object store's per-request cost, not its bandwidth.
 
 Usage: ``python benchmarks/bench_shards.py [--quick] [--workers 2] [--out DIR]``.
 """
@@ -288,6 +294,59 @@ def bench_resume(out: Path, workers: int, batch_size: int) -> dict[str, float]:
     return result
 
 
+def bench_remote(out: Path, workers: int, batch_size: int) -> dict[str, float]:
+    """Samples/s of one epoch of the shard pipeline: local disk vs a loopback S3 server."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from sharding import storage
+
+    local = load_manifest(out / "shards")
+    shard_files = [Path(p) for p in local.shard_paths("train")]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = dict(os.environ)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL_S3=f"http://{host}:{port}",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    try:
+        url = "s3://bench/shards"
+        fs, _ = storage.filesystem(url)
+        fs.mkdir("bench")
+        for path in [*shard_files, out / "shards" / "dataset.json"]:
+            storage.put_file(path, storage.join(url, path.name))
+        remote = load_manifest(url)
+        samples = remote.split("train").num_samples
+        cfg = _eval_cfg(256, batch_size, workers)
+        cached = cfg.model_copy(deep=True)
+        cached.data.cache_dir = str(out / "cache")
+        result: dict[str, float] = {"samples": samples}
+        for name, config, manifest in (
+            ("local", cfg, local),
+            ("s3", cfg, remote),
+            ("s3_fill", cached, remote),  # first epoch with a cache: streams and keeps copies
+            ("s3_cached", cached, remote),  # second epoch: the node-local copies
+        ):
+            _evict(shard_files + list((out / "cache").rglob("*.tar")))
+            count, seconds = _epoch(make_eval_loader(config, manifest, 0, 1, split="train"))
+            if count != samples:
+                raise RuntimeError(f"{name}: {count} samples, not {samples}")
+            result[name] = samples / seconds
+        result["mb"] = sum(p.stat().st_size for p in shard_files) / 1e6
+        return result
+    finally:
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run both benchmarks and print the tables; return the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -304,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         build = bench_build(work, work / "source", args.workers, source_bytes, not args.quick)
         read = bench_read(work, args.workers, args.batch_size, repeats)
         resume = bench_resume(work, args.workers, args.batch_size)
+        remote = bench_remote(work, args.workers, args.batch_size)
     finally:
         if not args.out:
             shutil.rmtree(work, ignore_errors=True)
@@ -347,7 +407,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{resume['replay']:.2f} s (replay) vs {resume['seeded']:.2f} s (seeded), "
         f"{resume['replay'] / resume['seeded']:.1f}x"
     )
-    return {"build": build, "read": read, "resume": resume}
+    print(
+        f"{'object storage (' + format(remote['mb'], '.0f') + ' MB of shards)':<34}"
+        f"{'samples/s':>10}{'ratio':>18}"
+    )
+    for name, label in (
+        ("local", "  shard pipeline, local disk"),
+        ("s3", "  same, s3:// (loopback server)"),
+        ("s3_fill", "  s3:// + cache_dir, 1st epoch"),
+        ("s3_cached", "  s3:// + cache_dir, 2nd epoch"),
+    ):
+        print(f"{label:<34}{remote[name]:>10.1f}{remote[name] / remote['local']:>18.2f}")
+    return {"build": build, "read": read, "resume": resume, "remote": remote}
 
 
 if __name__ == "__main__":

@@ -79,7 +79,12 @@ class DataConfig(_Strict):
     """Where the shards are and how batches are made from them."""
 
     shards: str = ""
-    """Directory holding ``dataset.json`` and the tar shards (from ``bigmodel-shard build``)."""
+    """Directory holding ``dataset.json`` and the tar shards (from ``bigmodel-shard build``): a
+    local folder or an object-store prefix (``s3://bucket/prefix``, ``gs://...``, any fsspec
+    URL; credentials and endpoint from the environment, e.g. ``AWS_ENDPOINT_URL_S3``)."""
+    cache_dir: str | None = None
+    """Node-local folder keeping a copy of each remote shard after its first complete, verified
+    read, so later epochs read local disk; None streams every epoch from the object store."""
     image_size: int = Field(224, gt=0)
     """Side of the square crop fed to the model, in pixels."""
     batch_size: int = Field(32, gt=0)

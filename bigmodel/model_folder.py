@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from bigmodel import __version__
 from bigmodel.config import Config, ConfigError, load_config
 from bigmodel.preprocessing import PREPROCESSING, Preprocessing, preprocessing_from
+from sharding import storage
 
 __all__ = [
     "CONFIG",
@@ -57,7 +58,7 @@ class ModelFolderError(ValueError):
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (the dataset manifest identifies the data a model saw)."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
+    with storage.open_read(storage.unfold(path)) as f:  # a local file or an object-store URL
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -6,8 +6,10 @@ reuses the library's own validation (``load_manifest``, ``resolve_config``, ``ti
 ``resolve_pretrained_file``, ``check_pretrained``), so the driver and the workers cannot disagree
 about what is valid.
 
-Checks that need the data skip remote shard locations (``s3://...``): those are read on the
-workers only.
+Remote shard locations (``s3://bucket/prefix``, any fsspec URL) are checked here too, with
+the credentials and endpoint of the driver's environment: the bucket is reachable, its
+``dataset.json`` is valid, and every shard object of the splits the run reads is present with
+the size the manifest records (one listing request per split, no object downloaded).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 from pathlib import Path
 
 from bigmodel.config import Config, ConfigError
+from sharding import storage
 
 __all__ = ["PreflightError", "check", "problems"]
 
@@ -56,14 +59,14 @@ def _check_data(cfg: Config) -> list[str]:
     data = cfg.data
     if not data.shards:
         return ["data.shards is not set: point it at a folder from `bigmodel-shard build`"]
-    if "://" in data.shards and not data.shards.startswith("file://"):
-        return []  # remote: only the workers can read it
-    root = Path(data.shards.removeprefix("file://"))
-    if not root.is_dir():
-        return [
-            f"data.shards={data.shards!r}: no such folder; build it with `bigmodel-shard build "
-            f"--out {data.shards} ...` or fix the path"
-        ]
+    root: str | Path = data.shards
+    if not storage.is_remote(data.shards):
+        root = storage.local_path(data.shards)
+        if not root.is_dir():
+            return [
+                f"data.shards={data.shards!r}: no such folder; build it with `bigmodel-shard "
+                f"build --out {data.shards} ...` or fix the path"
+            ]
     try:
         manifest = load_manifest(root)
     except (ManifestError, ConfigError, OSError) as err:

@@ -5,21 +5,30 @@ output folder (fresh, resumable, or another dataset) -> load + cut + encode item
 one ordered writer per split caps shards by bytes and samples -> journal after every finished
 shard -> manifest. A rerun of the same command resumes from the journals; a finished build is a
 no-op. The same command always gives byte-identical shards.
+
+``--out`` may be an object-store prefix (``s3://bucket/prefix``, any fsspec URL): the build
+runs as above in a local staging folder (``--stage``, default under the temp dir, keyed by the
+URL, so a rerun resumes there), then every shard is uploaded, the uploads are listed back and
+checked against their sizes, and ``dataset.json`` is uploaded last. A prefix therefore never
+holds a manifest that names a missing or partial shard; a prefix without ``dataset.json`` is an
+unfinished upload (rerun the command) and readers refuse it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sharding import __version__
+from sharding import __version__, storage
 from sharding import format as fmt
 from sharding._parallel import run_ordered
 from sharding._samples import AXES, ItemResult, SamplePlan, process_item, resolve_slice_labels
@@ -71,6 +80,9 @@ class BuildOptions:
     slice_labels: str = "auto"
     """How a volume's cls label reaches its slices (``-o slice_labels=``; see
     ``sharding._samples.SLICE_LABEL_POLICIES``)."""
+    stage_dir: str | None = None
+    """``--out`` is a URL: the local folder the shards are built in before the upload (kept
+    after it); None: a folder under the temp dir keyed by the URL (removed after the upload)."""
 
     def validate(self) -> None:
         """Raise :class:`SourceError` naming the flag and its allowed values."""
@@ -120,7 +132,8 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
     """
     options.validate()
     started = time.perf_counter()
-    out = Path(out_dir)
+    remote = str(out_dir).rstrip("/") if storage.is_remote(out_dir) else None
+    out = _staging_dir(remote, options) if remote else Path(out_dir)
     items, schema = reader.scan()
     items = sorted(items, key=lambda it: it.source_id)
     source_path = str(getattr(reader, "path", ""))
@@ -132,8 +145,16 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
     if "cls" in tasks_json and options.layout != "3d":  # so readers know what a slice's cls is
         tasks_json["cls"]["slice_labels"] = slice_labels
     fingerprint = _fingerprint(reader, items, assignment, tasks_json, options)
+    if remote:
+        published = _check_remote_out(remote, fingerprint)
+        if published is not None:
+            _log(options, f"{remote}: already complete (same source and options); nothing to do")
+            return published
     done = _prepare_out_dir(out, fingerprint)
     if done is not None:
+        if remote:  # built before, the upload did not finish
+            _publish(out, remote, done, options)
+            return done
         _log(options, f"{out}: already complete (same source and options); nothing to do")
         return done
 
@@ -265,7 +286,75 @@ def build_shards(reader: Reader, out_dir: str | Path, options: BuildOptions) -> 
         f"all) in {seconds:.1f} s, {mb / max(seconds, 1e-9):.1f} MB/s; "
         f"{len(manifest['skipped'])} skipped -> {out / fmt.MANIFEST_NAME}",
     )
+    if remote:
+        _publish(out, remote, manifest, options)
     return manifest
+
+
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_.-]+-\d{6}\.tar$")
+
+
+def _staging_dir(url: str, options: BuildOptions) -> Path:
+    if options.stage_dir:
+        return Path(options.stage_dir).expanduser()
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "bigmodel-shard-stage" / key
+
+
+def _check_remote_out(url: str, fingerprint: str) -> dict[str, Any] | None:
+    """Refuse a prefix holding another dataset; return the manifest of this finished build.
+
+    Runs before anything is built, so a missing bucket or absent credentials stop the command
+    at once (StorageError names the URL and the fix). Shard objects without a manifest are an
+    interrupted upload of some build and are overwritten; anything else is refused.
+    """
+    fix = "choose a new --out prefix, or delete the objects under it to rebuild there"
+    sizes = storage.list_sizes(url)
+    if fmt.MANIFEST_NAME in sizes:
+        try:
+            manifest = fmt.read_manifest(storage.join(url, fmt.MANIFEST_NAME))
+        except fmt.ManifestFormatError as err:
+            raise SourceError(url, err.problem, fix) from None
+        created = manifest.created_by or fmt.CreatedBy()
+        if created.fingerprint == fingerprint:
+            return manifest.to_dict()
+        raise SourceError(
+            url,
+            f"holds another dataset ({manifest.name!r}, built by {created.command or '?'!r})",
+            fix,
+        )
+    foreign = sorted(name for name in sizes if not _SHARD_NAME.match(name))
+    if foreign:
+        raise SourceError(
+            url, f"is not empty and holds no bigmodel-shard build ({foreign[:3]})", fix
+        )
+    return None
+
+
+def _publish(stage: Path, url: str, manifest: dict[str, Any], options: BuildOptions) -> None:
+    """Upload the shards, check them by listing, then upload ``dataset.json`` last."""
+    started = time.perf_counter()
+    shards = [shard for split in manifest["splits"].values() for shard in split["shards"]]
+    for shard in shards:
+        storage.put_file(stage / shard["name"], storage.join(url, shard["name"]))
+    sizes = storage.list_sizes(url)
+    wrong = [s["name"] for s in shards if sizes.get(s["name"]) != s["bytes"]]
+    if wrong:
+        raise storage.StorageError(
+            url,
+            f"uploaded shard(s) {wrong[:3]} are missing or of another size when listed back",
+            "rerun the same command to upload them again",
+        )
+    storage.put_file(stage / fmt.MANIFEST_NAME, storage.join(url, fmt.MANIFEST_NAME))
+    total = sum(s["bytes"] for s in shards)
+    seconds = time.perf_counter() - started
+    _log(
+        options,
+        f"uploaded {len(shards)} shards ({total / 1e6:.1f} MB) in {seconds:.1f} s, then "
+        f"{fmt.MANIFEST_NAME} -> {storage.join(url, fmt.MANIFEST_NAME)}",
+    )
+    if not options.stage_dir:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _results(reader, todo, plan: SamplePlan, options: BuildOptions, state, out: Path):
@@ -306,7 +395,7 @@ def _fingerprint(reader, items, assignment, tasks_json, options: BuildOptions) -
     relevant = {
         k: v
         for k, v in asdict(options).items()
-        if k not in ("workers", "use_ray", "ray_address", "command", "progress")
+        if k not in ("workers", "use_ray", "ray_address", "command", "progress", "stage_dir")
     }
     payload = {
         "format": fmt.FORMAT_VERSION,

@@ -2,6 +2,7 @@
 
     bigmodel-shard build --source nnunet --input Task01 --out shards/task01 --workers 4
     bigmodel-shard verify shards/task01 --world-size 16 --loader-workers 4
+    bigmodel-shard build ... --out s3://bucket/task01   (then: verify s3://bucket/task01)
     bigmodel-shard inspect shards/task01 --show 16 --out grid.png
 
 Bad input stops with one line naming the file and the fix (exit code 2), never a traceback.
@@ -60,7 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="turn a source dataset into shards + dataset.json")
     b.add_argument("--source", required=True, choices=sorted(READERS), help="source format")
     b.add_argument("--input", required=True, help="source folder or file")
-    b.add_argument("--out", required=True, help="output folder (new, or a resumable build)")
+    b.add_argument(
+        "--out",
+        required=True,
+        help="output folder (new, or a resumable build), or an object-store prefix (s3://B/P)",
+    )
+    b.add_argument(
+        "--stage",
+        metavar="DIR",
+        help="--out is a URL: build in this local folder before the upload (default: temp dir)",
+    )
     b.add_argument(
         "-o",
         "--option",
@@ -100,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     v = sub.add_parser("verify", help="check checksums, decoding, splits and shard counts")
-    v.add_argument("dir")
+    v.add_argument("dir", help="shard folder or object-store prefix (s3://bucket/prefix)")
     v.add_argument("--world-size", type=int, default=1, help="training ranks planned")
     v.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers per rank")
 
@@ -164,6 +174,7 @@ def _build(args: argparse.Namespace, argv: Sequence[str]) -> int:
         command=shlex.join(["bigmodel-shard", *argv]),
         progress=not args.quiet,
         slice_labels=_slice_labels(args.option),
+        stage_dir=args.stage,
     )
     if any(o.partition("=")[0].strip() == "help" for o in args.option):
         print(f"options of --source {args.source}:")

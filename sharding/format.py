@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sharding import storage
 from sharding._schema import REBUILD, ManifestFormatError, _Fields, _maybe, _Record
 from sharding._stats import volume_intensity  # noqa: F401  (meta.json "intensity" is its output)
 
@@ -560,14 +561,26 @@ class DatasetManifest(_Record):
 
 
 def read_manifest_json(path: str | Path) -> dict[str, Any]:
-    """The parsed ``dataset.json`` at ``path`` (not yet validated); errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestFormatError(
-            str(path), "", "not found", "build the folder with bigmodel-shard build first"
-        )
+    """The parsed ``dataset.json`` at ``path`` (not yet validated); errors name the file.
+
+    ``path`` may be a URL (``s3://bucket/prefix/dataset.json``); it is read through
+    ``sharding.storage`` (a missing bucket, credentials or endpoint raise its StorageError).
+    """
+    if storage.is_remote(path):
+        if not storage.exists(path):
+            raise ManifestFormatError(
+                str(path), "", "not found", "build the prefix with bigmodel-shard build first"
+            )
+        text = storage.read_bytes(path)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ManifestFormatError(
+                str(path), "", "not found", "build the folder with bigmodel-shard build first"
+            )
+        text = None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text() if text is None else text)
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ManifestFormatError(str(path), "", f"not readable JSON ({err})", REBUILD) from None
     if not isinstance(data, dict):
@@ -577,7 +590,8 @@ def read_manifest_json(path: str | Path) -> dict[str, Any]:
 
 def read_manifest(path: str | Path) -> DatasetManifest:
     """Read and validate ``dataset.json`` (the file, or the folder holding it)."""
-    path = Path(path)
-    if path.name != MANIFEST_NAME:
-        path = path / MANIFEST_NAME
+    if str(path).rstrip("/").rsplit("/", 1)[-1] != MANIFEST_NAME:
+        path = storage.join(path, MANIFEST_NAME)
+    if not storage.is_remote(path):
+        path = Path(path)
     return DatasetManifest.from_dict(read_manifest_json(path), path)

@@ -4,21 +4,27 @@ Checks checksums and sizes, that every sample decodes (numpy/PIL/json only, no t
 matches the manifest, that no patient is in two splits, and that each split has enough shards for
 the planned ``world_size x loader_workers`` (a DDP rank whose worker gets no shard stops early
 and the others wait for it forever).
+
+``root`` may be an object-store prefix (``s3://bucket/prefix``): the prefix is listed once for
+the sizes, and each shard is streamed once (``sharding.storage``), hashed and read as a tar in
+the same pass, as for a local folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from sharding import format as fmt
-from sharding._writer import sha256_file
+from sharding import storage
+from sharding.records import SourceError
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
@@ -29,7 +35,7 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
             does not fit ``sharding.format.DatasetManifest``; the message is the one
             ``bigmodel.data.load_manifest`` gives.
     """
-    path = Path(root) / fmt.MANIFEST_NAME
+    path = storage.join(root, fmt.MANIFEST_NAME)
     raw = fmt.read_manifest_json(path)
     fmt.DatasetManifest.from_dict(raw, path)
     return raw
@@ -69,10 +75,11 @@ class VerifyReport:
 
 def verify_shards(root: str | Path, world_size: int = 1, loader_workers: int = 0) -> VerifyReport:
     """Check every shard of ``root`` against its manifest; see the module docstring."""
-    root = Path(root)
+    root = str(root).rstrip("/") if storage.is_remote(root) else Path(root)
     raw = load_manifest(root)
-    manifest = fmt.DatasetManifest.from_dict(raw, root / fmt.MANIFEST_NAME)
+    manifest = fmt.DatasetManifest.from_dict(raw, storage.join(root, fmt.MANIFEST_NAME))
     report = VerifyReport(str(root))
+    sizes = storage.list_sizes(root)  # one listing: which shards exist, and their sizes
     keys: set[str] = set()
     groups_by_split: dict[str, set[str]] = {}
     listed: set[str] = set()
@@ -82,7 +89,7 @@ def verify_shards(root: str | Path, world_size: int = 1, loader_workers: int = 0
         decoded = 0
         for shard in info.shards:
             listed.add(shard.name)
-            decoded += _check_shard(root, shard, raw, keys, groups, report)
+            decoded += _check_shard(root, shard, sizes, raw, keys, groups, report)
         groups_by_split[split] = groups
         report.splits[split] = {
             "shards": len(info.shards),
@@ -94,11 +101,9 @@ def verify_shards(root: str | Path, world_size: int = 1, loader_workers: int = 0
                 f"{split}: manifest says {info.total} samples, shards hold {decoded}"
             )
         _check_shard_count(split, info, needed, world_size, loader_workers, report)
-    for path in sorted(root.glob("*.tar")):
-        if path.name not in listed:
-            report.warnings.append(
-                f"{path.name} is not in {fmt.MANIFEST_NAME} (left over? delete it)"
-            )
+    for name in sorted(sizes):
+        if name.endswith(".tar") and not name.startswith(".") and name not in listed:
+            report.warnings.append(f"{name} is not in {fmt.MANIFEST_NAME} (left over? delete it)")
     _check_disjoint(groups_by_split, report)
     return report
 
@@ -136,49 +141,77 @@ def _check_disjoint(groups_by_split: dict[str, set[str]], report: VerifyReport) 
                 )
 
 
+class _Hashing:
+    """A read-only stream that hashes what passes through (the tar is read in the same pass)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.sha256 = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha256.update(data)
+        return data
+
+
 def _check_shard(
-    root: Path, shard: fmt.ShardSpec, manifest: dict, keys: set, groups: set, report
+    root: Path | str,
+    shard: fmt.ShardSpec,
+    sizes: dict[str, int],
+    manifest: dict,
+    keys: set,
+    groups: set,
+    report,
 ) -> int:
     """Check one shard's size, hash and samples; return the number of samples decoded."""
     name = shard.name
-    path = root / name
-    if not path.is_file():
+    if name not in sizes:
         report.errors.append(f"{name}: missing; rebuild the shards")
         return 0
-    size = path.stat().st_size
+    size = sizes[name]
     if shard.bytes is not None and size != shard.bytes:
         report.errors.append(f"{name}: {size} bytes, manifest says {shard.bytes}")
-    digest = sha256_file(path)
-    if digest != shard.sha256:
-        report.errors.append(
-            f"{name}: sha256 mismatch (manifest {str(shard.sha256)[:12]}..., file "
-            f"{digest[:12]}...): corrupt or modified; delete the folder and rerun the build command"
-        )
     count = 0
     try:
-        for key, members in _samples(path):
-            if key in keys:
-                report.errors.append(f"{name}: duplicate sample key {key}")
-            keys.add(key)
-            problem = _check_sample(members, manifest)
-            if problem:
-                report.errors.append(f"{name}: sample {key}: {problem}")
-            if fmt.GROUP in members:
-                groups.add(members[fmt.GROUP].decode())
-            count += 1
-    except (tarfile.TarError, OSError, EOFError) as err:
-        report.errors.append(f"{name}: unreadable tar ({err}); rebuild the shards")
+        with storage.open_read(storage.join(root, name)) as raw:
+            stream = _Hashing(raw)  # one pass: hashed while the tar is read
+            try:
+                for key, members in _samples(stream):
+                    if key in keys:
+                        report.errors.append(f"{name}: duplicate sample key {key}")
+                    keys.add(key)
+                    problem = _check_sample(members, manifest)
+                    if problem:
+                        report.errors.append(f"{name}: sample {key}: {problem}")
+                    if fmt.GROUP in members:
+                        groups.add(members[fmt.GROUP].decode())
+                    count += 1
+            except (tarfile.TarError, OSError, EOFError) as err:
+                report.errors.append(f"{name}: unreadable tar ({err}); rebuild the shards")
+            while stream.read(1 << 20):  # what the tar reader left: end blocks, padding
+                pass
+    except SourceError as err:  # the object store: named by storage, after its retries
+        report.errors.append(f"{name}: {err}")
+    else:
+        digest = stream.sha256.hexdigest()
+        if digest != shard.sha256:
+            report.errors.append(
+                f"{name}: sha256 mismatch (manifest {str(shard.sha256)[:12]}..., file "
+                f"{digest[:12]}...): corrupt or modified; delete the folder and rerun the build "
+                f"command"
+            )
     if count != shard.num_samples:
         report.errors.append(f"{name}: {count} samples, manifest says {shard.num_samples}")
     return count
 
 
-def _samples(path: Path):
-    """Yield ``(key, {ext: bytes})`` per sample, requiring each key's members to be contiguous
+def _samples(stream: Any):
+    """Yield ``(key, {ext: bytes})`` per sample of the tar read front to back from ``stream``
+    (a file object, or a local path), requiring each key's members to be contiguous
     (webdataset groups consecutive members; a key seen again would become a second sample)."""
     done: set[str] = set()
     key, members = None, {}
-    with tarfile.open(path, "r:") as tar:
+    opened = {"name": str(stream)} if isinstance(stream, (str, Path)) else {"fileobj": stream}
+    with tarfile.open(**opened, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
                 continue

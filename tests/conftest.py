@@ -231,3 +231,66 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             "tests using the ray_head fixture need @pytest.mark.ray: " + ", ".join(unmarked)
         )
+
+
+@dataclass
+class S3Server:
+    """moto's S3-compatible server on loopback (``ThreadedMotoServer``), for object-storage tests.
+
+    ``env`` is what a process needs to reach it the usual way: credentials (dummy: moto accepts
+    any), ``AWS_ENDPOINT_URL_S3``, a region, and no instance-metadata lookup (botocore would
+    otherwise ask 169.254.169.254 for credentials) or ``~/.aws`` files.
+    """
+
+    endpoint: str
+    env: dict[str, str]
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name`` (if new) and return ``s3://name``."""
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server on 127.0.0.1 (a free port) for the session; its env is exported in
+    this process too (fsspec/s3fs read it), and restored afterwards."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "bigmodel-test-key",
+        "AWS_SECRET_ACCESS_KEY": "bigmodel-test-secret-do-not-log",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_CONFIG_FILE": os.devnull,
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield S3Server(endpoint, env)
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -41,6 +41,8 @@ def test_bench_shards_quick(tmp_path):
         out
     )
     assert "read (one epoch, 12 samples)" in out
+    for row in ("shard pipeline, local disk", "same, s3:// \\(loopback server\\)"):
+        assert re.search(row + number * 2, out), out  # the object-storage rows, side by side
     # the work folder holds the real artefacts: shards with a manifest, and the per-file copy
     assert (tmp_path / "shards" / "dataset.json").is_file()
     assert len(list((tmp_path / "files").glob("*.image.npy"))) == 12

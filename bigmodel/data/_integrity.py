@@ -13,19 +13,30 @@ Loader workers cannot raise cleanly into the training loop (the DataLoader re-ra
 exception with its traceback as text), so a worker reports a damaged shard as a marker batch
 ``{DAMAGED_KEY: report}``, which the loader classes in ``pipeline.py`` intercept in the main
 process.
+
+Remote shards (``s3://...``) are streamed through ``sharding.storage`` (fsspec, ranged reads,
+retried), never downloaded whole first. With ``data.cache_dir`` set, the bytes of a remote shard
+are also written to a node-local file as they stream (no second read); the file is renamed
+into the cache only when the whole shard was read and its sha256 matched, so a later epoch on
+the same node reads the local copy (hashed again, as any shard) and a half-read or damaged shard
+is never cached.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
 from bigmodel.data.manifest import ManifestError
+from sharding import storage
 
 __all__ = ["DAMAGED_KEY", "DamagedShardError", "ShardCheck"]
 
@@ -35,6 +46,21 @@ _DRAIN_CHUNK = 1 << 20
 
 class DamagedShardError(ManifestError):
     """A shard's bytes differ from its sha256 in ``dataset.json``: a data error, not transient."""
+
+
+def _gopen_storage(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> BinaryIO:
+    """webdataset ``gopen`` handler for object-store URLs: a stream from ``sharding.storage``."""
+    if mode != "rb":
+        raise ValueError(f"{url}: shards in object storage are read-only here (mode {mode!r})")
+    return storage.open_read(url)
+
+
+# webdataset opens URLs through its public dispatch table ``gopen_schemes``; s3:// (and gs://
+# when gcsfs is installed, instead of shelling out to gsutil) go through fsspec, so any
+# webdataset reader of a shard URL (``wds.tarfile_to_samples``, ``wds.WebDataset``) streams it
+# with the same credentials, endpoint and retries as the loaders here.
+for _scheme in ("s3", "s3a", *(("gs", "gcs") if importlib.util.find_spec("gcsfs") else ())):
+    gopen_schemes[_scheme] = _gopen_storage
 
 
 class _HashingStream:
@@ -60,6 +86,35 @@ class _HashingStream:
         self.stream.close()
 
 
+class _CachingStream:
+    """A read-only file object that also writes every byte read to a temporary cache file."""
+
+    def __init__(self, stream: BinaryIO, target: Path) -> None:
+        self.stream = stream
+        self.target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.file.write(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+        if not self.file.closed:
+            self.file.close()
+
+    def keep(self, keep: bool) -> None:
+        """Rename the complete copy into the cache (``keep``), or drop it."""
+        self.close()
+        if keep:
+            os.replace(self.tmp, self.target)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
 @dataclass
 class ShardCheck:
     """Per-loader integrity state; each loader worker gets its own copy (pickled).
@@ -71,6 +126,8 @@ class ShardCheck:
 
     digests: dict[str, str]
     mode: str = "stop"
+    cache_dir: str | None = None
+    """Node-local folder keeping copies of remote shards (``data.cache_dir``); None: no cache."""
     damaged: set[str] = field(default_factory=set)
     """Shards found damaged by this worker (``skip``: never drawn again)."""
     pending: list[dict[str, Any]] = field(default_factory=list)
@@ -82,20 +139,25 @@ class ShardCheck:
         The same stages (url_opener, tar_file_expander, group_by_keys), but one shard at a time,
         so that the digest can be checked at each shard's end.
         """
-        for source in wds.tariterators.url_opener(src):
+        for source in src:
             url = source["url"]
             if url in self.damaged:
-                source["stream"].close()
                 continue
             expected = self.digests.get(url)
-            stream = _HashingStream(source["stream"]) if expected else source["stream"]
+            raw, caching = self._open(url)
+            stream = _HashingStream(raw) if expected or caching else raw
+            complete = False
             try:
                 files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
                 yield from wds.tariterators.group_by_keys(files)
-                if expected:
+                if expected or caching:
                     stream.drain()
+                complete = True
             finally:
                 stream.close()
+                if caching is not None:  # only a whole shard that hashed right is kept
+                    good = not expected or stream.sha256.hexdigest() == expected
+                    caching.keep(complete and good)
             if expected and stream.sha256.hexdigest() != expected:
                 self.damaged.add(url)
                 self.pending.append(
@@ -106,6 +168,16 @@ class ShardCheck:
                         "bytes": stream.bytes,
                     }
                 )
+
+    def _open(self, url: str) -> tuple[BinaryIO, _CachingStream | None]:
+        """The shard's byte stream: local file, cached copy, or remote stream (teed to the cache)."""
+        if self.cache_dir is None or not storage.is_remote(url):
+            return storage.open_read(url), None
+        target = storage.cache_path(self.cache_dir, url)
+        if target.is_file():
+            return open(target, "rb"), None  # noqa: SIM115 - closed by samples()
+        caching = _CachingStream(storage.open_read(url), target)
+        return caching, caching
 
     def reports(self, batches: Iterable[Any]) -> Iterator[Any]:
         """Pass batches through, inserting a marker batch after a shard is found damaged."""
@@ -131,12 +203,12 @@ def _span(steps: list[int]) -> str:
     )
 
 
-def damaged_message(report: dict[str, Any], steps: list[int], root: Path, mode: str) -> str:
+def damaged_message(report: dict[str, Any], steps: list[int], root: Path | str, mode: str) -> str:
     """One paragraph naming the shard, what is known, and the fix."""
-    name = Path(report["shard"]).name
+    name = str(report["shard"]).rsplit("/", 1)[-1]
     head = (
         f"{name}: its {report['bytes']} bytes hash to sha256 {report['got'][:12]}... but "
-        f"{root / 'dataset.json'} records {report['expected'][:12]}... (damaged after the build); "
+        f"{storage.join(root, 'dataset.json')} records {report['expected'][:12]}... (damaged after the build); "
         f"the hash is known at the shard's end, so {_span(steps)}"
     )
     if mode == "skip":

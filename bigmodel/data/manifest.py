@@ -21,7 +21,9 @@ from typing import Any
 from bigmodel.config import Config, ConfigError
 from bigmodel.data.intensity import IntensitySpec, intensity_spec
 from sharding import format as fmt
+from sharding import storage
 from sharding.format import MANIFEST_NAME, TASK_MEMBERS
+from sharding.records import SourceError
 
 __all__ = [
     "ClassBalance",
@@ -97,8 +99,9 @@ class ImageInfo:
 class Manifest:
     """Everything ``bigmodel/data`` needs from ``dataset.json``."""
 
-    root: Path
-    """Folder holding ``dataset.json`` and the shards."""
+    root: Path | str
+    """Folder holding ``dataset.json`` and the shards: a local ``Path``, or the URL of an
+    object-store prefix (``s3://bucket/prefix``, no trailing slash) as a string."""
     format_version: int
     name: str
     layout: str
@@ -118,7 +121,7 @@ class Manifest:
 
     @classmethod
     def from_dataset(
-        cls, root: Path, dataset: fmt.DatasetManifest, raw: dict[str, Any] | None = None
+        cls, root: Path | str, dataset: fmt.DatasetManifest, raw: dict[str, Any] | None = None
     ) -> Manifest:
         """The view of a validated manifest; ``raw`` is the parsed JSON it came from."""
         stats = dataset.stats or fmt.IntensityStats()
@@ -127,7 +130,7 @@ class Manifest:
         return cls(
             root=root,
             format_version=dataset.format_version,
-            name=dataset.name if dataset.name is not None else root.name,
+            name=dataset.name if dataset.name is not None else str(root).rsplit("/", 1)[-1],
             layout=dataset.layout or "2d",
             image=ImageInfo(
                 encoding=dataset.image.encoding,
@@ -152,9 +155,16 @@ class Manifest:
         )
 
     @property
-    def path(self) -> Path:
-        """The ``dataset.json`` file."""
+    def path(self) -> Path | str:
+        """The ``dataset.json`` file (a URL string for an object-store prefix)."""
+        if isinstance(self.root, str):
+            return storage.join(self.root, MANIFEST_NAME)
         return self.root / MANIFEST_NAME
+
+    @property
+    def remote(self) -> bool:
+        """True when the shards are in object storage (read through fsspec)."""
+        return isinstance(self.root, str)
 
     def split(self, name: str) -> SplitInfo:
         """The split ``name``; an error listing the splits that exist when it is missing."""
@@ -166,12 +176,17 @@ class Manifest:
         return self.splits[name]
 
     def shard_paths(self, split: str) -> list[str]:
-        """Absolute paths of the split's shards, in manifest order; missing files are an error.
+        """Absolute paths (or URLs) of the split's shards, in manifest order; missing files are
+        an error, and so are objects of another size than the manifest records.
 
         Checked here, in the main process, so a lost shard is one clear message instead of a
-        crash inside a loader worker halfway through an epoch.
+        crash inside a loader worker halfway through an epoch. An object-store prefix is
+        listed once (one request), not asked object by object.
         """
-        paths = [self.root / s.name for s in self.split(split).shards]
+        shards = self.split(split).shards
+        if self.remote:
+            return self._remote_shard_paths(split, shards)
+        paths = [self.root / s.name for s in shards]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
             raise ManifestError(
@@ -180,6 +195,31 @@ class Manifest:
                 f"and rerun the build command to restore them"
             )
         return [str(p) for p in paths]
+
+    def _remote_shard_paths(self, split: str, shards: tuple[ShardInfo, ...]) -> list[str]:
+        try:
+            sizes = storage.list_sizes(self.root)
+        except SourceError as err:
+            raise ManifestError(str(err)) from None
+        missing = [s.name for s in shards if s.name not in sizes]
+        wrong = [
+            f"{s.name} ({sizes[s.name]} bytes, manifest says {s.bytes})"
+            for s in shards
+            if s.name in sizes and s.bytes and sizes[s.name] != s.bytes
+        ]
+        if missing or wrong:
+            what = (
+                f"lists shard object(s) that are missing: {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}"
+                if missing
+                else f"has shard object(s) of the wrong size: {wrong[:3]}"
+                f"{' ...' if len(wrong) > 3 else ''}"
+            )
+            raise ManifestError(
+                f"{self.path}: split {split!r} {what}; run bigmodel-shard verify {self.root} and "
+                f"rerun the build command with --out {self.root} to upload them again"
+            )
+        return [storage.join(self.root, s.name) for s in shards]
 
 
 def _shard_info(shard: fmt.ShardSpec) -> ShardInfo:
@@ -230,12 +270,19 @@ def _fold_splits(dataset: fmt.DatasetManifest) -> dict[str, SplitInfo]:
 def load_manifest(directory: str | Path) -> Manifest:
     """Read ``directory/dataset.json`` and check it against ``sharding.format.DatasetManifest``.
 
+    ``directory`` is a local folder or an object-store prefix (``s3://bucket/prefix``, any URL
+    fsspec opens; credentials and endpoint from the environment, see ``sharding.storage``).
+
     Raises:
         ManifestError: the file is missing, not JSON, from another format version, or a field
             does not fit the schema; one line naming the file, the field and the fix (the same
-            message ``bigmodel-shard verify`` gives).
+            message ``bigmodel-shard verify`` gives); for a prefix also a missing bucket,
+            absent credentials or an unreachable endpoint (after retries), naming the URL.
     """
-    root = Path(directory).expanduser().resolve()
+    directory = storage.unfold(directory)  # Path("s3://b/p") prints as "s3:/b/p"
+    if storage.is_remote(directory):
+        return _load_remote(str(directory).rstrip("/"))
+    root = storage.local_path(directory).resolve()
     path = root / MANIFEST_NAME
     if not path.is_file():
         hint = "set data.shards to the folder holding dataset.json"
@@ -250,6 +297,24 @@ def load_manifest(directory: str | Path) -> Manifest:
     except fmt.ManifestFormatError as err:
         raise ManifestError(str(err)) from None
     return Manifest.from_dataset(root, dataset, raw)
+
+
+def _load_remote(url: str) -> Manifest:
+    """``load_manifest`` of an object-store prefix: one GET of ``dataset.json`` (retried)."""
+    path = storage.join(url, MANIFEST_NAME)
+    try:
+        raw = fmt.read_manifest_json(path)
+        dataset = fmt.DatasetManifest.from_dict(raw, path)
+    except fmt.ManifestFormatError as err:
+        if err.problem == "not found":
+            raise ManifestError(
+                f"{path}: no shard manifest under this prefix (set data.shards to the prefix "
+                f"holding dataset.json, or build one with bigmodel-shard build --out {url})"
+            ) from None
+        raise ManifestError(str(err)) from None
+    except SourceError as err:  # bucket, credentials, endpoint: storage names them
+        raise ManifestError(str(err)) from None
+    return Manifest.from_dataset(url, dataset, raw)
 
 
 def _classes_for(head_name: str, target: str, manifest: Manifest, cfg: Config) -> int:

@@ -201,7 +201,7 @@ def _transform(cfg: Config, manifest: Manifest, train: bool) -> SampleTransform:
 
 def _shard_check(cfg: Config, paths: list[str], shards: Iterable[Any]) -> ShardCheck:
     digests = {path: s.sha256 for path, s in zip(paths, shards, strict=True) if s.sha256}
-    return ShardCheck(digests, cfg.data.on_damaged_shard)
+    return ShardCheck(digests, cfg.data.on_damaged_shard, cfg.data.cache_dir)
 
 
 def train_batches_per_epoch(cfg: Config, manifest: Manifest, world_size: int) -> int:
@@ -436,7 +436,8 @@ def make_train_loader(
         # endless seeded draws from them, weighted by sample count
         partial(_resample, counts=counts, seed=cfg.seed, rank=rank, position=position, check=check),
         # raw samples: {"__key__", "__url__", "image.npy": bytes, "cls": bytes, ...}; each
-        # shard's bytes hashed as they stream and checked against dataset.json at its end
+        # shard streamed (local file, or object store through fsspec, cached per node with
+        # data.cache_dir), its bytes hashed as they stream and checked against dataset.json
         check.samples,
         # data.balance: the same raw samples, thinned so that the head's classes come equally
         partial(_balanced, balance=balance, seed=cfg.seed, rank=rank, position=position)
