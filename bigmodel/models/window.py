@@ -32,20 +32,31 @@ from bigmodel.tasks import TASKS, Task
 __all__ = ["fit_to_size", "needs_windows", "whole_image_outputs"]
 
 
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+def _size(size: int | tuple[int, ...], spatial_dims: int = 2) -> tuple[int, ...]:
+    """``size`` per spatial dimension (an int is the same along each)."""
+    return (int(size),) * spatial_dims if isinstance(size, int) else tuple(int(s) for s in size)
 
 
-def needs_windows(image_size: tuple[int, int], roi_size: int | tuple[int, int]) -> bool:
-    """True when an image of ``image_size`` (H, W) exceeds ``roi_size`` along some side."""
-    roi = _pair(roi_size)
-    return image_size[0] > roi[0] or image_size[1] > roi[1]
+def needs_windows(image_size: tuple[int, ...], roi_size: int | tuple[int, ...]) -> bool:
+    """True when an image of spatial ``image_size`` ((D,) H, W) exceeds ``roi_size`` somewhere."""
+    roi = _size(roi_size, len(image_size))
+    return any(side > window for side, window in zip(image_size, roi, strict=True))
+
+
+def _centre_pad(images: Tensor, roi: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
+    """Images no larger than ``roi`` padded to it (centred, with 0), and where they now start."""
+    shape = images.shape[2:]
+    offset = tuple((r - s) // 2 for s, r in zip(shape, roi, strict=True))
+    pad: list[int] = []
+    for s, r, o in reversed(list(zip(shape, roi, offset, strict=True))):  # F.pad: last dim first
+        pad += [o, r - s - o]
+    return F.pad(images, pad), offset
 
 
 def fit_to_size(images: Tensor, size: int | tuple[int, int]) -> Tensor:
     """Resize ``[B, C, H, W]`` to fit ``size`` with its aspect kept, then pad (centred) with 0."""
     height, width = images.shape[-2:]
-    target_h, target_w = _pair(size)
+    target_h, target_w = _size(size, 2)
     scale = min(target_h / height, target_w / width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     resized = F.interpolate(
@@ -78,55 +89,53 @@ class _WindowPredictor:
         self,
         model: nn.Module,
         tasks: dict[str, Task],
-        pad: tuple[int, int],
+        pad: tuple[int, ...],
         batch_size: int,
     ) -> None:
         self.model = model
         self.blend = [name for name, task in tasks.items() if task.window == "blend"]
         self.gather = {name: task for name, task in tasks.items() if task.window == "gather"}
-        self.pad = pad  # (top, left) padding MONAI added when the image is smaller than a window
+        # per spatial dimension, the padding MONAI added before where the image is smaller than
+        # a window
+        self.pad = pad
         self.parts: dict[str, list[list[Any]]] = {
             name: [[] for _ in range(batch_size)] for name in self.gather
         }
-        self.windows: list[list[tuple[int, int, int, int]]] = [[] for _ in range(batch_size)]
+        self.windows: list[list[tuple[int, ...]]] = [[] for _ in range(batch_size)]
 
     def __call__(self, windows: Tensor, coords: list[list[slice]]) -> dict[str, Tensor]:
         outputs = self.model(windows)["outputs"]
         for i, coord in enumerate(coords):
-            index = coord[0].start
-            top, left = coord[2].start - self.pad[0], coord[3].start - self.pad[1]
-            window = (top, left, coord[2].stop - self.pad[0], coord[3].stop - self.pad[1])
+            index = coord[0].start  # coord: batch, channel, then one slice per spatial dim
+            spatial = list(zip(coord[2:], self.pad, strict=True))
+            # the window's starts, then its stops, in the unpadded image's pixels
+            window = (*(c.start - p for c, p in spatial), *(c.stop - p for c, p in spatial))
             self.windows[index].append(window)
             for name, task in self.gather.items():
                 self.parts[name][index].append(task.window_part(outputs[name][i], window))
         blended = {name: outputs[name].float() for name in self.blend}
-        blended["_coverage"] = windows.new_ones((len(windows), 1, *windows.shape[-2:])).float()
+        blended["_coverage"] = windows.new_ones((len(windows), 1, *windows.shape[2:])).float()
         return blended
 
 
 def _padded_pass(
-    model: nn.Module, images: Tensor, roi: tuple[int, int], tasks: dict[str, Task]
+    model: nn.Module, images: Tensor, roi: tuple[int, ...], tasks: dict[str, Task]
 ) -> dict[str, Any]:
     """One forward of images smaller than ``roi``, padded (centred, 0) as training padded them.
 
     Models with a fixed input size (ViTs) need the training size; each head's task cuts its
     output back to the image (``Task.crop``: maps cropped, boxes shifted and clipped).
     """
-    height, width = images.shape[-2:]
-    top, left = (roi[0] - height) // 2, (roi[1] - width) // 2
-    padded = F.pad(images, [left, roi[1] - width - left, top, roi[0] - height - top])
+    padded, offset = _centre_pad(images, roi)
     outputs = dict(model(padded)["outputs"])
-    for name, task in tasks.items():
-        outputs[name] = task.crop(outputs[name], (top, left), (height, width))
-    return outputs
+    shape = tuple(int(s) for s in images.shape[2:])
+    return {name: task.crop(outputs[name], offset, shape) for name, task in tasks.items()}
 
 
-def _global_view(images: Tensor, roi: tuple[int, int]) -> Tensor:
+def _global_view(images: Tensor, roi: tuple[int, ...]) -> Tensor:
     """The whole image as global heads saw images in training: shrunk to fit, padded to ``roi``."""
-    height, width = images.shape[-2:]
-    if height <= roi[0] and width <= roi[1]:
-        top, left = (roi[0] - height) // 2, (roi[1] - width) // 2
-        return F.pad(images, [left, roi[1] - width - left, top, roi[0] - height - top])
+    if not needs_windows(tuple(images.shape[2:]), roi):
+        return _centre_pad(images, roi)[0]
     return fit_to_size(images, roi)
 
 
@@ -134,7 +143,7 @@ def _global_view(images: Tensor, roi: tuple[int, int]) -> Tensor:
 def whole_image_outputs(
     model: nn.Module,
     images: Tensor,
-    roi_size: int | tuple[int, int],
+    roi_size: int | tuple[int, ...],
     overlap: float = 0.5,
     sw_batch_size: int = 8,
     mode: str = "gaussian",
@@ -145,8 +154,9 @@ def whole_image_outputs(
     Args:
         model: a plain (unwrapped) :class:`~bigmodel.models.MultiTaskModel` in eval mode; under
             autocast when the caller wants it.
-        images: normalised ``[B, C, H, W]``.
-        roi_size: the window side(s) (H, W), normally ``data.image_size`` of training.
+        images: normalised ``[B, C, *spatial]`` (``spatial_dims`` = ``images.ndim - 2``; the
+            heads and ``fit_to_size`` are 2D for now).
+        roi_size: the window side(s) ((D,) H, W), normally ``data.image_size`` of training.
         overlap: fraction by which neighbouring windows overlap (nnU-Net uses 0.5).
         sw_batch_size: windows per forward pass.
         mode: MONAI blend mode, ``gaussian`` (centre-weighted) or ``constant``.
@@ -157,14 +167,14 @@ def whole_image_outputs(
         ``{"boxes", "scores", "labels"}`` per image in image coordinates, classification and
         retrieval as the model gives them for the resized whole image.
     """
-    size = (int(images.shape[-2]), int(images.shape[-1]))
-    roi = _pair(roi_size)
+    size = tuple(int(s) for s in images.shape[2:])
+    roi = _size(roi_size, len(size))
     if size == roi:
         return model(images)["outputs"]
     tasks = _head_tasks(model)
     if not needs_windows(size, roi):
         return _padded_pass(model, images, roi, tasks)
-    pad = (max(0, roi[0] - size[0]) // 2, max(0, roi[1] - size[1]) // 2)
+    pad = tuple(max(0, r - s) // 2 for s, r in zip(size, roi, strict=True))
     predictor = _WindowPredictor(model, tasks, pad, len(images))
     outputs: dict[str, Any] = {}
     if predictor.blend or predictor.gather:
