@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -349,13 +349,7 @@ HeadConfig = Annotated[
 ]
 
 HEAD_CONFIGS: dict[str, type[_HeadBase]] = {
-    cls.model_fields["type"].default: cls
-    for cls in (
-        ClassificationHeadConfig,
-        SegmentationHeadConfig,
-        DetectionHeadConfig,
-        RetrievalHeadConfig,
-    )
+    cls.model_fields["type"].default: cls for cls in get_args(get_args(HeadConfig)[0])
 }
 """Every head config class by its ``type``: the schema's half of the task table, torch-free."""
 

@@ -67,11 +67,11 @@ def soft_dice_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     from both the prediction and the target sums; classes absent from both score 1 (no penalty).
     """
     num_classes = logits.shape[1]
-    valid = (target != ignore_index).unsqueeze(1)  # [B, 1, H, W]
+    valid = (target != ignore_index).unsqueeze(1)  # [B, 1, *spatial]
     probs = logits.float().softmax(dim=1) * valid
-    one_hot = F.one_hot(target.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2)
-    one_hot = one_hot.to(probs.dtype) * valid
-    dims = (0, 2, 3)
+    one_hot = F.one_hot(target.clamp(0, num_classes - 1), num_classes)  # [B, *spatial, K]
+    one_hot = one_hot.movedim(-1, 1).to(probs.dtype) * valid
+    dims = (0, *range(2, probs.ndim))  # the batch and every spatial dimension
     intersection = (probs * one_hot).sum(dims)
     cardinality = probs.sum(dims) + one_hot.sum(dims)
     eps = 1e-6
@@ -183,14 +183,15 @@ class SegmentationLoss(nn.Module):
 
     def forward(self, logits: Tensor, mask: Tensor, has: Tensor | None = None) -> Tensor | None:
         """Mean loss over annotated pixels of labelled samples; None if there are none."""
-        if mask.shape[-2:] != logits.shape[-2:]:
+        if mask.shape[1:] != logits.shape[2:]:
             raise ValueError(
-                f"segmentation mask is {tuple(mask.shape[-2:])} but logits are "
-                f"{tuple(logits.shape[-2:])}: masks must have the image's size"
+                f"segmentation mask is {tuple(mask.shape[1:])} but logits are "
+                f"{tuple(logits.shape[2:])}: masks must have the image's size"
             )
         ignore = self.cfg.ignore_index
         if has is not None:
-            mask = torch.where(has.view(-1, 1, 1), mask, torch.full_like(mask, ignore))
+            has = has.view(-1, *(1,) * (mask.ndim - 1))  # one flag per sample, over its pixels
+            mask = torch.where(has, mask, torch.full_like(mask, ignore))
         if not bool((mask != ignore).any()):
             return None
         loss = F.cross_entropy(logits, mask, ignore_index=ignore)
