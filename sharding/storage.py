@@ -68,7 +68,19 @@ _TRANSIENT_NAMES = {
     "ClientPayloadError",
     "FSTimeoutError",
 }
-_TRANSIENT_WORDS = ("slowdown", "throttl", "503", "500", "502", "504", "internalerror", "timeout")
+_TRANSIENT_WORDS = (
+    # what s3fs/gcsfs put in the OSError of a 5xx or throttling answer
+    "slow down",
+    "slowdown",
+    "throttl",
+    "service unavailable",
+    "internal error",
+    "internalerror",
+    "bad gateway",
+    "gateway timeout",
+    "timed out",
+    "timeout",
+)
 _CREDENTIAL_NAMES = {
     "NoCredentialsError",
     "PartialCredentialsError",
