@@ -120,7 +120,7 @@ def save_model(
         "git_commit": git_commit(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "dataset_manifest_sha256": file_sha256(manifest_path) if manifest_path else None,
-        "dataset_manifest": str(manifest_path) if manifest_path else None,
+        "dataset_manifest": str(storage.unfold(manifest_path)) if manifest_path else None,
         "backbone": cfg.model.backbone.name,
         "heads": {name: head.type for name, head in cfg.model.heads.items()},
         "num_parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point()),

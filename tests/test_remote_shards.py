@@ -150,6 +150,7 @@ def test_two_workers_train_from_the_bucket(trained, remote):
     import hashlib
 
     assert card["dataset_manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert card["dataset_manifest"] == f"{remote}/dataset.json"
     # epoch 2 and evaluation found the shards each rank had read whole in the node cache
     cached = sorted(p.name for p in (trained / "cache").rglob("*.tar"))
     assert cached and all(name in storage.list_sizes(remote) for name in cached)
