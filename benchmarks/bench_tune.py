@@ -34,16 +34,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch._demo_data import MASK_CLASSES, write_demo_source  # noqa: E402
+from launch._demo_data import MASK_CLASSES, TINY_DEMO, write_demo_source  # noqa: E402
 from sharding.build import BuildOptions, build_shards  # noqa: E402
 from sharding.readers.nifti import NiftiCsvReader  # noqa: E402
 
 TINY = [
-    "model.backbone.name=test_resnet",
-    "model.heads.organs.decoder_channels=8",
-    "model.heads.patient.embed_dim=8",
-    "data.image_size=32",
-    "data.batch_size=8",
+    *TINY_DEMO,
     "data.loader_workers=0",
     "distributed.strategy=ddp",
     "distributed.zero_stage=0",

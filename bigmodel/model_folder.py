@@ -15,7 +15,6 @@ names the file at fault when one is missing or does not fit.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from bigmodel import __version__
 from bigmodel.config import Config, ConfigError, load_config
 from bigmodel.preprocessing import PREPROCESSING, Preprocessing, preprocessing_from
 from sharding import storage
+from sharding.helpers import stream_sha256
 
 __all__ = [
     "CONFIG",
@@ -57,11 +57,8 @@ class ModelFolderError(ValueError):
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (the dataset manifest identifies the data a model saw)."""
-    digest = hashlib.sha256()
     with storage.open_read(storage.unfold(path)) as f:  # a local file or an object-store URL
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return stream_sha256(f)
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

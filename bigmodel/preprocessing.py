@@ -24,6 +24,7 @@ import torch
 from bigmodel.config import Config
 from bigmodel.data.intensity import IntensitySpec, apply_intensity
 from bigmodel.data.manifest import Manifest, data_intensity
+from sharding.helpers import atomic_write_text
 
 __all__ = [
     "PREPROCESSING",
@@ -95,10 +96,7 @@ class Preprocessing:
 
     def save(self, path: str | Path) -> None:
         """Write the record (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Preprocessing:

@@ -29,16 +29,26 @@ import nibabel as nib
 import numpy as np
 from nibabel.testing import data_path
 
+from sharding.helpers import atomic_write
+
+TINY_DEMO = [
+    "model.backbone.name=test_resnet",
+    "model.heads.organs.decoder_channels=8",
+    "model.heads.patient.embed_dim=8",
+    "data.image_size=32",
+    "data.batch_size=8",
+]
+"""``configs/demo.yaml`` shrunk to seconds per step on a CPU (a tiny timm ResNet at 32 px, small
+heads): the overrides the end-to-end tests and benchmarks start from, each adding its own
+strategy, schedule and cluster."""
 MASK_CLASSES = ("background", "tissue", "lesion")
 REAL_VOLUME = "anatomical.nii"
 
 
 def _write_nifti(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
     affine = np.diag([*spacing, 1.0])
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.tmp{suffix}")  # nibabel picks the format from the suffix
-    nib.save(nib.Nifti1Image(array, affine), str(tmp))
-    tmp.replace(path)
+    # the temporary name keeps the suffix, from which nibabel picks the format
+    atomic_write(path, lambda tmp: nib.save(nib.Nifti1Image(array, affine), str(tmp)))
 
 
 def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -134,10 +144,12 @@ def write_demo_source(out_dir: str | Path, patients: int = DEMO_PATIENTS, seed: 
         )
 
     csv_path = out / "labels.csv"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "mask", "patient_id", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(csv_path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image", "mask", "patient_id", "label", "split"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(csv_path, write)
     return csv_path

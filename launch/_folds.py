@@ -10,9 +10,7 @@ mean and sample standard deviation (ddof=1) across folds.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 from bigmodel.config import Config, ConfigError
 from bigmodel.data.manifest import ManifestError, fold_split_names, load_manifest
 from bigmodel.registry.tracking import log_summary_run
+from sharding.helpers import atomic_write_json
 
 __all__ = ["cross_validate", "fold_config", "format_summary", "num_folds"]
 
@@ -93,10 +92,7 @@ def cross_validate(cfg: Config, run_fold: Callable[[Config], dict[str, Any]]) ->
         mean, std = _mean_std([f["metrics"][name] for f in folds])
         summary["mean"][name], summary["stdev"][name] = mean, std
     path = Path(cfg.train.output_dir) / f"{cfg.name}-cv" / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, summary)
     summary["path"] = str(path)
     if cfg.tracking.enabled:  # one MLflow run for the whole cross-validation, beside the folds'
         figures = {f"mean/{k}": v for k, v in summary["mean"].items()}

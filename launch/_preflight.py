@@ -19,17 +19,13 @@ from pathlib import Path
 
 from bigmodel.config import Config, ConfigError
 from sharding import storage
+from sharding.helpers import one_line
 
 __all__ = ["PreflightError", "check", "problems"]
 
 
 class PreflightError(ConfigError):
     """One or more problems found before starting Ray; ``str()`` has one line per problem."""
-
-
-def _one_line(error: Exception) -> str:
-    """An error message folded onto one line (pydantic and manifest errors span several)."""
-    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
 def _check_backbone(cfg: Config) -> list[str]:
@@ -47,7 +43,7 @@ def _check_backbone(cfg: Config) -> list[str]:
         try:
             resolve_pretrained_file(backbone.pretrained, backbone.name)
         except ConfigError as err:
-            return [_one_line(err)]
+            return [one_line(err)]
     return []
 
 
@@ -70,7 +66,7 @@ def _check_data(cfg: Config) -> list[str]:
     try:
         manifest = load_manifest(root)
     except (ManifestError, ConfigError, OSError) as err:
-        return [_one_line(err)]
+        return [one_line(err)]
     found: list[str] = []
     splits = [data.train_split]
     if cfg.train.eval_every:
@@ -80,7 +76,7 @@ def _check_data(cfg: Config) -> list[str]:
             manifest.shard_paths(split)  # the split exists and every shard file is there
         except (ManifestError, OSError) as err:
             fix = " (or set train.eval_every=0)" if split == data.val_split else ""
-            found.append(_one_line(err) + fix)
+            found.append(one_line(err) + fix)
     for name, head in cfg.model.heads.items():
         if head.target not in TASKS[head.type].targets:
             found.append(
@@ -92,7 +88,7 @@ def _check_data(cfg: Config) -> list[str]:
     try:
         resolved = resolve_config(cfg, manifest)  # head targets, class counts and channels agree
     except (ConfigError, ManifestError) as err:
-        return [_one_line(err)]
+        return [one_line(err)]
     return _check_weights(resolved)
 
 
@@ -115,7 +111,7 @@ def _check_weights(cfg: Config) -> list[str]:
     try:
         check_pretrained(backbone)
     except ConfigError as err:
-        return [_one_line(err)]
+        return [one_line(err)]
     return []
 
 

@@ -27,6 +27,7 @@ from ray.train.torch import TorchConfig
 from bigmodel.config import Config, ConfigError
 from launch._progress import ProgressPrinter
 from launch._worker import StopOnDeterministicError
+from sharding.helpers import atomic_write_text
 
 # URI schemes that every node of a cluster reaches the same way (pyarrow / fsspec filesystems).
 SHARED_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs", "viewfs")
@@ -204,9 +205,7 @@ def blind_nodes(path: str, nodes: list[dict[str, Any]]) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(16)
     sentinel = folder / f".bigmodel-storage-check-{token}"
-    tmp = sentinel.with_name(sentinel.name + ".tmp")
-    tmp.write_text(token)
-    os.replace(tmp, sentinel)  # readers never see a half-written token
+    atomic_write_text(sentinel, token)  # readers never see a half-written token
     try:
         return nodes_not_reading(str(sentinel), token, nodes)
     finally:

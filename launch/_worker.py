@@ -12,7 +12,6 @@ without consuming ``cluster.max_failures``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from bigmodel.engine.session import Session
 from bigmodel.registry.tracking import tracked
 from launch import _ray_hooks
 from launch.session import RaySession
+from sharding.helpers import atomic_write_json, one_line
 
 # When this process first wrote its worker file (Unix time), by pid.
 _STARTED: dict[int, float] = {}
@@ -61,10 +61,7 @@ def write_worker_file(cfg: Config, session: Session, **extra: Any) -> Path:
         "started": _STARTED.setdefault(os.getpid(), time.time()),
         **extra,
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(path, info, indent=None)
 
 
 def quiet_worker_logs(level: int = logging.WARNING) -> list[str]:
@@ -104,7 +101,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             train(cfg, session)
     except DETERMINISTIC_ERRORS as err:
         log = _write_traceback(cfg, session.rank)
-        raise DeterministicError(f"{type(err).__name__}: {_one_line(err)}", str(log)) from None
+        raise DeterministicError(
+            f"{type(err).__name__}: {one_line(err, limit=500)}", str(log)
+        ) from None
     except BaseException:
         _write_traceback(cfg, session.rank)
         raise
@@ -144,10 +143,6 @@ class StopOnDeterministicError(UserCallback):
 def worker_log(cfg: Config, rank: int) -> Path:
     """``{output_dir}/{name}/logs/rank{rank}.log``: the full traceback of a failed worker."""
     return Path(cfg.train.output_dir) / cfg.name / "logs" / f"rank{rank}.log"
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:500]
 
 
 def _write_traceback(cfg: Config, rank: int) -> Path:

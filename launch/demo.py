@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from bigmodel.inference.evaluate import evaluate_model
 from bigmodel.inference.predict import Predictor
 from launch import train as train_cli
 from launch._demo_data import DEMO_PATIENTS, MASK_CLASSES, write_demo_source
+from sharding.helpers import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -185,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate_saved_model(run_dir / "model", shards, run_dir / "eval")
     print(format_results(results, load_manifest(shards)))
     report = run_dir / "test_metrics.json"
-    tmp = report.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
-    tmp.replace(report)
+    atomic_write_json(report, results, sort_keys=True)
 
     volume = out / "source" / "anatomical.nii"
     _banner(5, f"prediction on a real NIfTI volume: bigmodel-predict {run_dir / 'model'} {volume}")

@@ -8,7 +8,6 @@ it). A fixed mtime makes the same input give byte-identical shards and the same 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sharding import format as fmt
+from sharding.helpers import atomic_write_text, file_sha256
 
 FIXED_MTIME = 0
 """Member mtime: constant so that shards are reproducible byte for byte (an int: a float
@@ -24,23 +24,8 @@ mtime makes tarfile add a PAX header to every member, doubling small members).""
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 << 20):
-            h.update(block)
-    return h.hexdigest()
+    """The manifest and build journals: JSON indented by 1 with a final newline, fsynced."""
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n", fsync=True)
 
 
 def sample_tar_bytes(sample: dict[str, Any]) -> int:
@@ -100,7 +85,7 @@ class ShardSink:
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
         final = self.out_dir / self._name
-        digest = sha256_file(self._tmp)
+        digest = file_sha256(self._tmp)
         size = self._tmp.stat().st_size
         os.replace(self._tmp, final)
         info = {"name": self._name, "num_samples": self._count, "bytes": size, "sha256": digest}

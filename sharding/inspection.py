@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sharding import format as fmt
+from sharding.helpers import atomic_write
 from sharding.records import SourceError
 from sharding.verify import _samples
 
@@ -124,10 +124,8 @@ def save_grid(root: str | Path, n: int, out: str | Path) -> Path:
             title += f"\n{names[int(sample[fmt.CLS].decode())]}"
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
@@ -242,10 +240,8 @@ def save_histograms(root: str | Path, n: int, out: str | Path, scheme: str = "au
         ax.set_xlabel("intensity")
     axes[0].set_ylabel("pixels (log)")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

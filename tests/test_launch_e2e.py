@@ -32,7 +32,7 @@ import torch
 from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.torch import load_file
 
-from launch._demo_data import MASK_CLASSES, write_demo_source
+from launch._demo_data import MASK_CLASSES, TINY_DEMO, write_demo_source
 from sharding.build import BuildOptions, build_shards
 from sharding.readers.nifti import NiftiCsvReader
 
@@ -44,11 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # harder path: sharded optimizer state saved by every rank, and the 1-worker resume goes through
 # DeepSpeed's universal checkpoint, AdamW moments included), a checkpoint every 3 steps. DDP is covered by the engine tests.
 TINY = [
-    "model.backbone.name=test_resnet",
-    "model.heads.organs.decoder_channels=8",
-    "model.heads.patient.embed_dim=8",
-    "data.image_size=32",
-    "data.batch_size=8",
+    *TINY_DEMO,
     "data.loader_workers=1",
     "distributed.strategy=deepspeed",
     "distributed.zero_stage=2",

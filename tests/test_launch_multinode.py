@@ -40,7 +40,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from bigmodel.config import load_config
 from bigmodel.model_folder import MODEL_CARD, WEIGHTS
 from launch import _ray_config
-from launch._demo_data import MASK_CLASSES, write_demo_source
+from launch._demo_data import MASK_CLASSES, TINY_DEMO, write_demo_source
 from sharding.build import BuildOptions, build_shards
 from sharding.readers.nifti import NiftiCsvReader
 
@@ -51,11 +51,7 @@ JOB_TIMEOUT_S = 300  # a bound for a hung job, not a timing check
 # The e2e test's tiny demo config (DeepSpeed ZeRO-2: each rank writes its own optimizer
 # partition into the shared storage from its own node), one worker per node.
 TINY = [
-    "model.backbone.name=test_resnet",
-    "model.heads.organs.decoder_channels=8",
-    "model.heads.patient.embed_dim=8",
-    "data.image_size=32",
-    "data.batch_size=8",
+    *TINY_DEMO,
     "data.loader_workers=1",
     "distributed.strategy=deepspeed",
     "distributed.zero_stage=2",

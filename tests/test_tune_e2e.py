@@ -27,7 +27,7 @@ import pytest
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from launch._demo_data import MASK_CLASSES, write_demo_source
+from launch._demo_data import MASK_CLASSES, TINY_DEMO, write_demo_source
 from sharding.build import BuildOptions, build_shards
 from sharding.readers.nifti import NiftiCsvReader
 
@@ -39,11 +39,7 @@ TIMEOUT_S = 540  # a bound for a hung sweep, not a timing check
 
 # The demo config shrunk to a tiny timm ResNet at 32 px, 1 DDP worker, 2 epochs of 6 steps.
 TINY = [
-    "model.backbone.name=test_resnet",
-    "model.heads.organs.decoder_channels=8",
-    "model.heads.patient.embed_dim=8",
-    "data.image_size=32",
-    "data.batch_size=8",
+    *TINY_DEMO,
     "data.loader_workers=0",
     "distributed.strategy=ddp",
     "distributed.zero_stage=0",

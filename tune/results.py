@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import yaml
 from ray.tune import ResultGrid
 from tabulate import tabulate
 
+from sharding.helpers import atomic_write, atomic_write_text
 from tune.spec import LogUniform, Sweep
 from tune.trainable import completed, run_dir_of, trial_config_dict
 
@@ -139,27 +139,23 @@ def table(rows: list[TrialRow], sweep: Sweep, best: TrialRow | None) -> str:
     return tabulate(body, headers=headers, tablefmt="simple")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_csv(rows: list[TrialRow], sweep: Sweep, path: Path) -> None:
     """``trials.csv``: one line per trial (values by dotted key, metric, steps, status)."""
     keys = list(sweep.spec.space)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            ["trial", *keys, sweep.spec.metric, "steps", "evaluations", "status", "why"]
-        )
-        for r in rows:
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
             writer.writerow(
-                [r.run_dir.name, *(r.values[k] for k in keys), r.metric, r.steps]
-                + [r.evaluations, r.status, r.why]
+                ["trial", *keys, sweep.spec.metric, "steps", "evaluations", "status", "why"]
             )
-    os.replace(tmp, path)
+            for r in rows:
+                writer.writerow(
+                    [r.run_dir.name, *(r.values[k] for k in keys), r.metric, r.steps]
+                    + [r.evaluations, r.status, r.why]
+                )
+
+    atomic_write(path, write)
 
 
 def write_best_yaml(best: TrialRow, sweep: Sweep, path: Path) -> None:
@@ -181,7 +177,7 @@ def write_best_yaml(best: TrialRow, sweep: Sweep, path: Path) -> None:
         + ", ".join(f"{k}={v}" for k, v in best.values.items())
         + f"\n# train it: bigmodel-train {path}\n"
     )
-    _atomic_text(path, header + yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))
 
 
 def plot(rows: list[TrialRow], sweep: Sweep, folder: Path) -> list[Path]:
@@ -257,10 +253,8 @@ def plot(rows: list[TrialRow], sweep: Sweep, folder: Path) -> list[Path]:
 
 def _save(fig: Any, path: Path, plt: Any) -> Path:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

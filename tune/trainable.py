@@ -16,7 +16,6 @@ the same name and storage, so Ray Train resumes it from its last checkpoint.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from bigmodel.config import config_from_dict
 from launch.train import build_trainer, resolve_paths
+from sharding.helpers import atomic_write_json
 from tune.spec import with_values
 
 __all__ = [
@@ -127,6 +127,4 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, m
     fit_start = time.time()
     build_trainer(cfg, callbacks=[MetricReportCallback(metric)]).fit()
     record = {"trial_start": started, "fit_start": fit_start, "fit_end": time.time()}
-    tmp = run_dir / f".{TRIAL_RECORD}.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.replace(run_dir / TRIAL_RECORD)
+    atomic_write_json(run_dir / TRIAL_RECORD, record, indent=None)

@@ -10,7 +10,6 @@ the end, ``curves.png``.
 from __future__ import annotations
 
 import csv
-import os
 import re
 import resource
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from sharding.helpers import atomic_write
 
 __all__ = ["RunLogger", "StepTimer"]
 
@@ -150,10 +151,12 @@ def _truncate_csv(path: Path, last_step: int) -> None:
     kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= last_step]
     if len(kept) == len(rows):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        csv.writer(f).writerows(kept)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+    atomic_write(path, write)
 
 
 def _is_headline_figure(name: str) -> bool:
@@ -197,7 +200,5 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    os.replace(tmp, png_path)

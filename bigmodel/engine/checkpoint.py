@@ -59,6 +59,7 @@ from torch import nn
 
 from bigmodel.config import Config
 from bigmodel.engine._strategy import Distributed
+from sharding.helpers import atomic_write, atomic_write_json
 
 __all__ = [
     "TrainState",
@@ -191,9 +192,7 @@ def _barrier() -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -256,9 +255,7 @@ def save_checkpoint(
             "strategy": dm.strategy,
             "zero_stage": dm.zero_stage,
         }
-        tmp = directory / (META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, directory / META)
+        atomic_write_json(directory / META, meta)
     _barrier()
     return directory
 

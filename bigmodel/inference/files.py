@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bigmodel.preprocessing import InputError
+from sharding.helpers import atomic_write  # here for the writers below and their callers
 from sharding.records import SourceError
 
 __all__ = [
@@ -191,20 +191,6 @@ def _read_dicom_file(path: Path) -> Study:
         dicom_files=[str(path)],
         window=window,
     )
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:

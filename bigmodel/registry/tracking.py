@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bigmodel.config import Config, ConfigError
+from sharding.helpers import atomic_write_json
 
 if TYPE_CHECKING:  # importing bigmodel.engine loads DeepSpeed; the driver's check needs none
     from bigmodel.engine.session import Session
@@ -219,11 +220,7 @@ class TrackedSession:
         return run.info.run_id if run.info.lifecycle_stage == "active" else None
 
     def _write_record(self, record: dict[str, Any]) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / RUN_RECORD
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
+        atomic_write_json(self.run_dir / RUN_RECORD, record, indent=1)
 
 
 @contextlib.contextmanager

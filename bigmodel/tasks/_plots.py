@@ -7,7 +7,6 @@ normalised CT/MR intensities have no fixed display range.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from sharding.helpers import atomic_write  # noqa: E402
 
 __all__ = [
     "confusion_matrix_png",
@@ -27,13 +28,9 @@ __all__ = [
 
 def _save(fig, path: Path) -> Path:
     """Write the figure under a temporary name beside ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
 
