@@ -70,17 +70,25 @@ def _env(s3_server, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def remote(s3_server, tmp_path_factory) -> str:
-    """Demo shards built straight to ``s3://remote-shards/demo`` by the CLI."""
-    work = tmp_path_factory.mktemp("remote")
-    csv_path = write_demo_source(work / "source", patients=6)
-    url = s3_server.bucket("remote-shards") + "/demo"
-    command = [
-        sys.executable, "-m", "sharding", "build", "--source", "nifti",
-        "--input", str(csv_path), "--out", url, "--stage", str(work / "stage"),
+def source(tmp_path_factory) -> Path:
+    """The demo source (a real nibabel MR volume + 6 generated patients): its labels.csv."""
+    return write_demo_source(tmp_path_factory.mktemp("source"), patients=6)
+
+
+def _build(source: Path, url: str, *extra: str) -> list[str]:
+    return [
+        "build", "--source", "nifti", "--input", str(source), "--out", url,
         "--use-source-split", "--max-shard-samples", "6", "--quiet",
-        "-o", f"mask_classes={','.join(MASK_CLASSES)}",
+        "-o", f"mask_classes={','.join(MASK_CLASSES)}", *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def remote(s3_server, source, tmp_path_factory) -> str:
+    """Demo shards built straight to ``s3://remote-shards/demo`` by the CLI (its own process)."""
+    url = s3_server.bucket("remote-shards") + "/demo"
+    stage = tmp_path_factory.mktemp("stage")
+    command = [sys.executable, "-m", "sharding", *_build(source, url, "--stage", str(stage))]
     done = _run(command, _env(s3_server))
     assert done.returncode == 0, done.stderr[-2000:]
     return url
@@ -102,6 +110,30 @@ def test_build_writes_objects_then_manifest_and_verify_passes(remote, s3_server,
     again = _run([*_build_args(manifest), "--stage", str(tmp_path / "stage")], _env(s3_server))
     assert again.returncode == 0, again.stderr
     assert "already complete" in again.stderr and not (tmp_path / "stage").exists()
+
+
+def test_build_refuses_a_missing_bucket_or_a_foreign_prefix_and_redoes_an_upload(
+    remote, source, s3_server, capsys
+):
+    from sharding.cli import main
+
+    assert main(_build(source, "s3://no-such-bucket/demo")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "bigmodel-shard: error: s3://no-such-bucket/demo: bucket 'no-such-bucket' does not exist "
+        "(create it, or fix the bucket name in the URL)"
+    ]
+    bucket = s3_server.bucket("build-checks")
+    fs, path = storage.filesystem(f"{bucket}/notes/readme.txt")
+    fs.pipe_file(path, b"not a shard")
+    assert main(_build(source, f"{bucket}/notes")) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "is not empty and holds no bigmodel-shard build (['readme.txt'])" in line
+    # shards without dataset.json: an interrupted upload, which the same command finishes
+    _copy_prefix(remote, f"{bucket}/resume", drop="dataset.json")
+    assert main(_build(source, f"{bucket}/resume")) == 0
+    resumed = json.loads(storage.read_bytes(f"{bucket}/resume/dataset.json"))
+    original = json.loads(storage.read_bytes(f"{remote}/dataset.json"))
+    assert resumed["splits"] == original["splits"]  # the same shards, byte for byte (sha256)
 
 
 def _build_args(manifest: dict) -> list[str]:
