@@ -214,7 +214,7 @@ def _copy_prefix(src: str, dst: str, damage: str | None = None, drop: str | None
         fs.pipe_file(path, bytes(data))
 
 
-def test_a_damaged_object_is_named(remote, s3_server):
+def test_a_damaged_object_is_named(remote, s3_server, tmp_path):
     from bigmodel.config import load_config
     from bigmodel.data import DamagedShardError, load_manifest, make_eval_loader
 
@@ -227,10 +227,12 @@ def test_a_damaged_object_is_named(remote, s3_server):
     assert f"{victim}: sha256 mismatch" in done.stdout
     cfg = load_config(ROOT / "configs" / "demo.yaml", [*TINY, f"data.shards={damaged_url}"])
     cfg.data.loader_workers = 0
+    cfg.data.cache_dir = str(tmp_path / "cache")
     loader = make_eval_loader(cfg, load_manifest(damaged_url), 0, 1, split="test")
     with pytest.raises(DamagedShardError) as err:
         list(loader)
     assert f"{damaged_url}/dataset.json" in str(err.value) and victim in str(err.value)
+    assert not list((tmp_path / "cache").rglob("*.tar*"))  # a damaged shard is never cached
 
 
 def _preflight(shards: str) -> list[str]:
