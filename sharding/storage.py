@@ -27,13 +27,14 @@ import hashlib
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from sharding.records import SourceError
 
 __all__ = [
+    "HashingReader",
     "StorageError",
     "cache_path",
     "filesystem",
@@ -339,7 +340,25 @@ def cache_path(cache_dir: str | Path, url: str) -> Path:
     return Path(cache_dir).expanduser() / digest / name
 
 
-def iter_chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
-    """Blocks of ``size`` bytes until the end of ``stream``."""
-    while block := stream.read(size):
-        yield block
+class HashingReader:
+    """A read-only file object that hashes every byte read through it: a shard is checked in
+    the same pass that reads its tar (``verify``, the training loaders), never read twice."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read what the tar reader left (end-of-archive blocks, record padding)."""
+        while self.read(1 << 20):
+            pass
+
+    def close(self) -> None:
+        self.stream.close()

@@ -12,13 +12,12 @@ the same pass, as for a local folder.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -141,18 +140,6 @@ def _check_disjoint(groups_by_split: dict[str, set[str]], report: VerifyReport) 
                 )
 
 
-class _Hashing:
-    """A read-only stream that hashes what passes through (the tar is read in the same pass)."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream, self.sha256 = stream, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.sha256.update(data)
-        return data
-
-
 def _check_shard(
     root: Path | str,
     shard: fmt.ShardSpec,
@@ -173,7 +160,7 @@ def _check_shard(
     count = 0
     try:
         with storage.open_read(storage.join(root, name)) as raw:
-            stream = _Hashing(raw)  # one pass: hashed while the tar is read
+            stream = storage.HashingReader(raw)  # one pass: hashed while the tar is read
             try:
                 for key, members in _samples(stream):
                     if key in keys:
@@ -187,8 +174,7 @@ def _check_shard(
                     count += 1
             except (tarfile.TarError, OSError, EOFError) as err:
                 report.errors.append(f"{name}: unreadable tar ({err}); rebuild the shards")
-            while stream.read(1 << 20):  # what the tar reader left: end blocks, padding
-                pass
+            stream.drain()  # what the tar reader left: end blocks, padding
     except SourceError as err:  # the object store: named by storage, after its retries
         report.errors.append(f"{name}: {err}")
     else:

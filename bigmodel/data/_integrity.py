@@ -24,7 +24,6 @@ is never cached.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from collections.abc import Iterable, Iterator
@@ -41,7 +40,6 @@ from sharding import storage
 __all__ = ["DAMAGED_KEY", "DamagedShardError", "ShardCheck"]
 
 DAMAGED_KEY = "__damaged_shard__"
-_DRAIN_CHUNK = 1 << 20
 
 
 class DamagedShardError(ManifestError):
@@ -61,29 +59,6 @@ def _gopen_storage(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) ->
 # with the same credentials, endpoint and retries as the loaders here.
 for _scheme in ("s3", "s3a", *(("gs", "gcs") if importlib.util.find_spec("gcsfs") else ())):
     gopen_schemes[_scheme] = _gopen_storage
-
-
-class _HashingStream:
-    """A read-only file object that hashes every byte read through it."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read what the tar reader left (end-of-archive blocks, record padding)."""
-        while self.read(_DRAIN_CHUNK):
-            pass
-
-    def close(self) -> None:
-        self.stream.close()
 
 
 class _CachingStream:
@@ -145,7 +120,7 @@ class ShardCheck:
                 continue
             expected = self.digests.get(url)
             raw, caching = self._open(url)
-            stream = _HashingStream(raw) if expected or caching else raw
+            stream = storage.HashingReader(raw) if expected or caching else raw
             complete = False
             try:
                 files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
