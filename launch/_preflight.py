@@ -146,6 +146,17 @@ def problems(cfg: Config, address: str | None = None) -> list[str]:
     return found
 
 
+def notes(cfg: Config) -> list[str]:
+    """Warnings that do not stop the run (a validation split too small to rank checkpoints)."""
+    from bigmodel.data import load_manifest, validation_note
+
+    try:
+        note = validation_note(cfg, load_manifest(cfg.data.shards))
+    except Exception:  # noqa: BLE001 - a manifest problem is check()'s to report, not ours
+        return []
+    return [note] if note else []
+
+
 def check(cfg: Config, address: str | None = None) -> None:
     """Raise :class:`PreflightError` listing :func:`problems`, if there are any."""
     found = problems(cfg, address)

@@ -7,6 +7,8 @@ headline figures and names checkpoints and worker failures, so a terminal shows 
 
 from __future__ import annotations
 
+import csv
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +65,46 @@ class ProgressPrinter(UserCallback):
                 "the last checkpoint if any are left",
                 flush=True,
             )
+
+
+HEADLINE_FIGURES = ("dice_mean", "balanced_accuracy", "accuracy", "auroc", "map", "recall_at_1")
+"""The figure the steadiness note follows when ``train.best_metric`` is unset, in this order."""
+
+
+def steadiness_note(evaluations: list[dict[str, float]], best_metric: str | None) -> str | None:
+    """One line on how the validation figure moved over a run's evaluations, or None.
+
+    Names the figure (``train.best_metric`` or the first headline figure), the spread of the
+    last five evaluations and how often an evaluation was worse than the one before: a spread
+    as large as the differences between checkpoints means ranking them picks noise.
+    """
+    if len(evaluations) < 2:
+        return None
+    name = best_metric[4:] if best_metric and best_metric.startswith("val/") else None
+    if name is None:
+        names = [k for k in evaluations[-1] if k.rsplit("/", 1)[-1] in HEADLINE_FIGURES]
+        names.sort(key=lambda k: HEADLINE_FIGURES.index(k.rsplit("/", 1)[-1]))
+        name = names[0] if names else None
+    values = [e[name] for e in evaluations if name is not None and name in e]
+    if len(values) < 2:
+        return None
+    last = values[-5:]
+    drops = [b - a for a, b in zip(values, values[1:], strict=False) if b < a]
+    worst = f", the largest by {-min(drops):.3f}" if drops else ""
+    return (
+        f"{name} over the last {len(last)} evaluations {statistics.fmean(last):.3f} +- "
+        f"{statistics.pstdev(last):.3f} (min {min(last):.3f}, max {max(last):.3f}); "
+        f"{len(drops)} of {len(values) - 1} evaluations worse than the one before{worst}"
+    )
+
+
+def read_evaluations(csv_path: Path) -> list[dict[str, float]]:
+    """The ``val/*`` figures of ``metrics.csv``, one dict per evaluated step (prefix dropped)."""
+    by_step: dict[int, dict[str, float]] = {}
+    if not csv_path.is_file():
+        return []
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row["name"].startswith("val/"):
+                by_step.setdefault(int(row["step"]), {})[row["name"][4:]] = float(row["value"])
+    return [by_step[step] for step in sorted(by_step)]

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from bigmodel.config import Config, ConfigError, load_config
 from bigmodel.registry.tracking import RUN_RECORD, check_tracking
-from launch import _folds, _preflight, _ray_config
+from launch import _folds, _preflight, _progress, _ray_config
 from launch._worker import (
     DeterministicError,
     failure_summary,
@@ -143,6 +143,13 @@ def _summary(cfg: Config, result: Result, seconds: float) -> str:
         lines.append(f"  saved model:       {run_dir / 'model'}")
     if metrics:
         lines.append("  final metrics:     " + json.dumps(metrics, sort_keys=True))
+    # how the validation figure moved: as wide a spread as the gaps between checkpoints means
+    # best_metric and ASHA rank noise (metrics.csv is rank 0's, on this machine when local)
+    note = _progress.steadiness_note(
+        _progress.read_evaluations(run_dir / "metrics.csv"), cfg.train.best_metric
+    )
+    if note:
+        lines.append(f"  validation:        {note}")
     if cfg.tracking.enabled and (run_dir / RUN_RECORD).is_file():
         record = json.loads((run_dir / RUN_RECORD).read_text())
         lines.append(f"  mlflow run:        {record.get('run_id')} at {record.get('uri')}")
@@ -205,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print("\n".join(f"bigmodel-train: {ln}" for ln in str(err).splitlines()), file=sys.stderr)
         return 2
+    for note in _preflight.notes(resolve_paths(first)):
+        print(f"bigmodel-train: warning: {note}", file=sys.stderr)
     start = time.perf_counter()
     try:
         if args.folds:

@@ -17,6 +17,7 @@ from bigmodel.data.manifest import (
     data_intensity,
     load_manifest,
     resolve_config,
+    validation_note,
 )
 from bigmodel.data.pipeline import (
     EvalLoader,
@@ -45,4 +46,5 @@ __all__ = [
     "make_train_loader",
     "resolve_config",
     "train_batches_per_epoch",
+    "validation_note",
 ]

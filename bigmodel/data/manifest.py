@@ -352,6 +352,29 @@ def _classes_for(head_name: str, target: str, manifest: Manifest, cfg: Config) -
     return len(manifest.tasks[target].classes)
 
 
+MIN_VAL_PATIENTS = 3
+"""Fewer validation patients than this get a warning: one patient's figures rank noise."""
+
+
+def validation_note(cfg: Config, manifest: Manifest) -> str | None:
+    """A warning when the validation split is too small to rank checkpoints; None when it is not.
+
+    A checkpoint's figure on one or two patients follows those patients more than the model:
+    ``train.best_metric`` and ASHA would pick noise.
+    """
+    if not cfg.train.eval_every or cfg.data.val_split not in manifest.splits:
+        return None
+    patients = manifest.split(cfg.data.val_split).num_groups
+    if patients >= MIN_VAL_PATIENTS:
+        return None
+    return (
+        f"the validation split '{cfg.data.val_split}' holds {patients} patient(s): its figures "
+        f"follow those patients more than the model and cannot rank checkpoints or sweep "
+        f"trials (train.best_metric, ASHA); rebuild the shards with at least "
+        f"{MIN_VAL_PATIENTS} patients in it (bigmodel-shard build --split-ratios) or use --folds"
+    )
+
+
 def data_intensity(cfg: Config, manifest: Manifest) -> IntensitySpec | None:
     """The intensity preprocessing of this run (None: ``data.normalize=none``, raw values)."""
     if cfg.data.normalize == "none":

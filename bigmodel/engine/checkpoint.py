@@ -70,6 +70,7 @@ __all__ = [
     "is_complete",
     "load_checkpoint",
     "loads_universal",
+    "model_weights",
     "prune_checkpoints",
     "read_meta",
     "reshards_optimizer",
@@ -503,6 +504,19 @@ def full_state_dict(dm: Distributed) -> dict[str, torch.Tensor] | None:
     if rank != 0:
         return None
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def model_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights a model folder gets from a checkpoint, and which they are.
+
+    The weight average (``ema.pt``, ``train.ema_decay``) when the run kept one, as ``model/``
+    holds it; otherwise the trained weights (:func:`consolidated_state_dict`).
+    """
+    directory = Path(directory)
+    if is_complete(directory) and (directory / EMA).is_file():
+        saved = torch.load(directory / EMA, map_location="cpu", weights_only=True)
+        return {k: v.float() if v.is_floating_point() else v for k, v in saved.items()}, "average"
+    return consolidated_state_dict(directory), "trained"
 
 
 def consolidated_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -22,7 +22,13 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 
 from bigmodel.config import Config
-from bigmodel.data import load_manifest, make_eval_loader, make_train_loader, resolve_config
+from bigmodel.data import (
+    load_manifest,
+    make_eval_loader,
+    make_train_loader,
+    resolve_config,
+    validation_note,
+)
 from bigmodel.engine._logging import RunLogger, StepTimer
 from bigmodel.engine._strategy import (
     Distributed,
@@ -74,6 +80,9 @@ def train(cfg: Config, session: Session) -> dict[str, float]:
     eval_loader = None
     if cfg.train.eval_every and cfg.data.val_split in manifest.splits:
         eval_loader = make_eval_loader(cfg, manifest, rank, world_size)
+        note = validation_note(cfg, manifest)
+        if rank == 0 and note:
+            log.warning(note)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
     metrics = build_metrics(cfg.model) if eval_loader is not None else None
@@ -84,7 +93,7 @@ def train(cfg: Config, session: Session) -> dict[str, float]:
         train_loader,
         eval_loader,
         metrics,
-        manifest_path=Path(cfg.data.shards) / "dataset.json",
+        manifest_path=manifest.path,  # a URL string for shards on object storage
     )
 
 
@@ -95,7 +104,7 @@ def fit(
     train_loader: Any,
     eval_loader: Iterable[dict[str, Any]] | None = None,
     metrics: Any = None,
-    manifest_path: Path | None = None,
+    manifest_path: Path | str | None = None,
 ) -> dict[str, float]:
     """Train ``model`` on this worker and return the final figures.
 
@@ -361,7 +370,7 @@ def _save_model_folder(
     cfg: Config,
     run_dir: Path,
     figures: dict[str, float],
-    manifest_path: Path | None,
+    manifest_path: Path | str | None,
     ema: nn.Module | None = None,
 ) -> None:
     """Write ``model/`` from the current weights, or their average (fp32). Collective: call it
@@ -424,7 +433,7 @@ def evaluate(
         batch = _to_device(batch, device)
         with dm.autocast():
             # Whole images: sliding windows (segmentation, detection) where they exceed the
-            # training size, so every pixel and every box counts (bigmodel/inference/window.py).
+            # training size, so every pixel and every box counts (bigmodel/models/window.py).
             outputs = whole_image_outputs(module, batch["image"], cfg.data.image_size)
         metrics.update(outputs, batch)
         keys.extend(batch["key"])

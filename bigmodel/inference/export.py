@@ -16,7 +16,7 @@ reason; the other heads of the same model are exported.
 
 The source may be a model folder, a run folder (its ``model/``, else its latest complete
 checkpoint), a checkpoint folder (DDP, or DeepSpeed ZeRO partitions, consolidated to fp32 by
-``bigmodel.engine.checkpoint.consolidated_state_dict``) or ``models:/name@alias``.
+``bigmodel.engine.checkpoint.model_weights``: the weight average when the run kept one) or ``models:/name@alias``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import nn
 
 from bigmodel.config import Config, ConfigError, load_config
 from bigmodel.data import ManifestError, load_manifest
-from bigmodel.engine.checkpoint import META, consolidated_state_dict, is_complete
+from bigmodel.engine.checkpoint import META, is_complete, model_weights
 from bigmodel.inference.loading import load_model
 from bigmodel.model_folder import CONFIG, WEIGHTS, ModelFolderError, save_model
 from bigmodel.preprocessing import Preprocessing, preprocessing_from
@@ -114,13 +114,14 @@ def _from_checkpoint(
             f"--shards DIR"
         ) from None
     try:
-        state = consolidated_state_dict(directory)
+        state, weights = model_weights(directory)  # the weight average when the run kept one
     except (FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
         raise ExportError(f"{directory}: cannot consolidate the weights ({err})") from None
     meta = json.loads((directory / META).read_text())
     extra = {
         "exported_from": str(directory),
         "checkpoint_step": meta.get("step"),
+        "checkpoint_weights": weights,
         "trained_world_size": meta.get("world_size"),
         "trained_strategy": meta.get("strategy"),
         "trained_zero_stage": meta.get("zero_stage"),
