@@ -254,7 +254,8 @@ def test_files_for_rank_is_none_when_the_world_size_changes(runs: Path):
     zero = read_meta(_ckpt(runs, "zero2", 2))
     assert files_for_rank(zero, 0, 1) is None and files_for_rank(zero, 0, 2) is not None
     ddp = read_meta(_ckpt(runs, "ddp", 2))
-    assert files_for_rank(ddp, 0, 4) == ["meta.json", "trainer.pt", "rng/rank_00000.pt", "model.pt"]
+    own = ["meta.json", "trainer.pt", "rng/rank_00000.pt", "ema.pt", "model.pt"]
+    assert files_for_rank(ddp, 0, 4) == own  # ema.pt: the weight average, when the run keeps one
 
 
 def test_fp16_loss_scale_survives_a_resume(tmp_path: Path):

@@ -9,11 +9,13 @@ the end, ``curves.png``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 import resource
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,7 +23,10 @@ import torch.distributed as dist
 
 from sharding.helpers import atomic_write
 
-__all__ = ["RunLogger", "StepTimer"]
+__all__ = ["PHASES", "RunLogger", "StepTimer"]
+
+PHASES = ("loop", "data_wait", "eval", "checkpoint_write", "report")
+"""The loop's timed phases; ``loop`` is the whole loop, the others are parts of it."""
 
 
 class StepTimer:
@@ -74,6 +79,9 @@ class RunLogger:
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
         self.timer = StepTimer()
+        self.phase_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        """Wall seconds per phase of the loop (:meth:`phase`), written once by
+        :meth:`write_phases` as ``time/*`` rows (the e2e benchmark says where a run's time goes)."""
         self._writer = None
         self._csv = None
         if rank == 0:
@@ -123,6 +131,19 @@ class RunLogger:
         self._count = 0
         self.timer = StepTimer()
         return figures
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block to phase ``name`` (one of :data:`PHASES`)."""
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_s[name] += time.perf_counter() - tick
+
+    def write_phases(self, step: int, epoch: int) -> None:
+        """The phases' seconds as ``time/*`` rows (rank 0)."""
+        self.write(step, epoch, self.phase_s, prefix="time/")
 
     def write(self, step: int, epoch: int, figures: dict[str, float], prefix: str = "") -> None:
         """Append figures to CSV and TensorBoard (rank 0 only)."""

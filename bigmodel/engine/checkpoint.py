@@ -57,13 +57,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigmodel.config import Config
+from bigmodel.config import Config, TrainConfig
 from bigmodel.engine._strategy import Distributed
 from sharding.helpers import atomic_write, atomic_write_json
 
 __all__ = [
     "TrainState",
     "checkpoint_dir",
+    "checkpoint_due",
     "consolidated_state_dict",
     "files_for_rank",
     "full_state_dict",
@@ -104,6 +105,16 @@ class TrainState:
     """Optimizer steps skipped so far for a non-finite gradient norm."""
     best_score: float | None = None
     """Best ``train.best_metric`` so far (the evaluation whose weights are in ``model/``)."""
+
+
+def checkpoint_due(train: TrainConfig, step: int, epoch_done: bool, run_done: bool) -> bool:
+    """Whether the loop saves after optimizer step ``step``.
+
+    Every ``train.checkpoint_every`` steps, or at the end of every epoch when it is 0; always at
+    the end of the run.
+    """
+    every = train.checkpoint_every
+    return bool(every and step % every == 0) or (epoch_done and not every) or run_done
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from bigmodel.engine._window import ContrastiveWindow
 from bigmodel.engine.checkpoint import (
     TrainState,
     checkpoint_dir,
+    checkpoint_due,
     full_state_dict,
     load_checkpoint,
     loads_universal,
@@ -128,13 +128,7 @@ def fit(
     device = resolve_device(cfg, session.local_rank)
     init_distributed(cfg, rank, session.local_rank, world_size, device)
     accumulation = cfg.optim.accumulation_steps
-    steps_per_epoch = len(train_loader) // accumulation
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"the train loader yields {len(train_loader)} batches per epoch, fewer than "
-            f"optim.accumulation_steps={accumulation}: lower it or raise train.steps_per_epoch"
-        )
-    _check_equal_steps(len(train_loader), device)
+    steps_per_epoch = _steps_per_epoch(len(train_loader), accumulation, device)
     total_steps = cfg.train.epochs * steps_per_epoch
     run_dir = Path(cfg.train.output_dir) / cfg.name
     if rank == 0:
@@ -151,7 +145,6 @@ def fit(
     # The weight average that evaluation scores and model/ holds (train.ema_decay); every rank
     # keeps the same one, since every rank holds the same weights after a step (ZeRO-1/2 too).
     ema = _make_ema(dm, cfg)
-    evaluated = ema.module if ema is not None else dm.module
     state, rng = TrainState(), None
     if resume_from is not None:
         state, rng = load_checkpoint(
@@ -161,145 +154,169 @@ def fit(
     # a resumed run drops the rows a crashed attempt logged after its checkpoint
     logger = RunLogger(run_dir, rank, world_size, device, resume_step=state.step)
     figures: dict[str, float] = {}
-    # Wall seconds per phase, written once at the end as time/* rows of metrics.csv (the e2e
-    # benchmark reads them to say where a run's time goes).
-    phase_s = dict.fromkeys(("loop", "data_wait", "eval", "checkpoint_write", "report"), 0.0)
-    loop_start = time.perf_counter()
 
-    for epoch in range(state.epoch, cfg.train.epochs):
-        start = state.step_in_epoch if epoch == state.epoch else 0
-        if start >= steps_per_epoch:
-            # A checkpoint from longer epochs (e.g. fewer workers, so more steps per epoch) taken
-            # past this epoch's end: the epoch is over; go on with the next one.
-            log.warning(
-                "resumed at step %d of epoch %d, which now has %d steps: starting epoch %d",
-                start,
-                epoch,
-                steps_per_epoch,
-                epoch + 1,
-            )
-            if epoch == cfg.train.epochs - 1:
-                # ... and it was the last: the run is over, but its final evaluation and
-                # report have not happened in any attempt (the checkpoint came first)
-                tick = time.perf_counter()
-                figures = _final_report(dm, cfg, session, logger, state, eval_loader, metrics, ema)
-                phase_s["eval"] += time.perf_counter() - tick
-            continue
-        # Data position: a resumed epoch starts at its checkpointed step with a stream seeded by
-        # (epoch, step), yielding only the remaining batches; nothing before it is read.
-        train_loader.set_epoch(epoch, start_step=start)
-        batches = iter(train_loader)
-        if rng is not None:
-            set_rng_state(rng)  # before the first batch, so it sees the saved RNG
-            rng = None
-        dm.model.train()
-        logger.timer = StepTimer()
-        for step_in_epoch in range(start + 1, steps_per_epoch + 1):
-            # --- contrastive losses over the whole window (retrieval across_accumulation):
-            # read the window's micro-batches first and embed them once without gradients
-            held: list[dict[str, Any]] = []
-            if window:
-                tick = time.perf_counter()
-                held = [_to_device(next(batches), device) for _ in range(accumulation)]
-                phase_s["data_wait"] += time.perf_counter() - tick
-                window.embed(held)
-            # --- forward + backward over the accumulation window (no device sync in here)
-            for micro in range(accumulation):
-                tick = time.perf_counter()
-                logger.timer.data_started()
-                batch = held[micro] if window else next(batches)
-                logger.timer.data_done(len(batch["image"]))
-                phase_s["data_wait"] += time.perf_counter() - tick
-                batch = _to_device(batch, device)
-                if window:
-                    window.enter(micro)  # this micro-batch live, the others as recorded
-                with dm.micro_batch(is_last=micro == accumulation - 1):
-                    with dm.autocast():
-                        out = dm.model(batch["image"], batch)
-                    dm.backward(out["loss"])
-                logger.add_losses(out["losses"], out["loss"])
-            window.close()
-            # --- optimizer step (DeepSpeed: reduce-scatter, clip, step), then the schedule.
-            # The gradient norm is read on the host here: the one sync per step. A non-finite
-            # norm (NaN/inf loss or gradient on any rank) skips the update on every rank.
-            grad_norm, applied = dm.optimizer_step()
-            if not applied:
-                state.nonfinite += 1
-                if state.nonfinite > cfg.train.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{state.nonfinite} optimizer steps skipped for a non-finite gradient "
-                        f"norm (train.max_nonfinite={cfg.train.max_nonfinite}) by step "
-                        f"{state.step + 1}: lower optim.lr, enable optim.grad_clip, use "
-                        f"train.precision=fp32/bf16, or check the data"
-                    )
-            state.step += 1
-            state.step_in_epoch = step_in_epoch
-            if ema is not None:
-                ema.update(dm.module, step=state.step)  # one fused lerp over the weights
-            dm.scheduler.step_update(state.step)  # the LR of the next update
-            epoch_done = step_in_epoch == steps_per_epoch
-            run_done = epoch_done and epoch == cfg.train.epochs - 1
-
-            # --- log (one all-reduce per log step)
-            report: dict[str, float] = {}
-            if state.step % cfg.train.log_every == 0 or run_done:
-                figures = logger.step_figures(dm.lr(), grad_norm if applied else None)
-                figures["nonfinite_skipped"] = float(state.nonfinite)
-                # shards dropped for a sha256 mismatch (data.on_damaged_shard=skip)
-                figures["data/damaged_shards"] = float(getattr(train_loader, "damaged_shards", 0))
-                logger.write(state.step, epoch, figures)
-                report.update(figures)
-
-            # --- evaluate at the end of every eval_every-th epoch (and of the run)
-            if (
-                epoch_done
-                and eval_loader is not None
-                and cfg.train.eval_every
-                and ((epoch + 1) % cfg.train.eval_every == 0 or run_done)
-            ):
-                tick = time.perf_counter()
-                _sync_norm_buffers(dm, ema)  # ranks evaluate the same model (no-op with SyncBN)
-                results = evaluate(dm, eval_loader, metrics, cfg, evaluated)
-                phase_s["eval"] += time.perf_counter() - tick
-                logger.write(state.step, epoch, results, prefix="val/")
-                report.update({f"val/{k}": v for k, v in results.items()})
-                if cfg.train.best_metric is not None and _improves(cfg, report, state.best_score):
-                    # model/ holds the best evaluated weights (collective under ZeRO-3)
-                    state.best_score = report[cfg.train.best_metric]
-                    card = {**figures, **report, "step": float(state.step), "epoch": float(epoch)}
-                    _save_model_folder(dm, cfg, run_dir, card, manifest_path, ema)
-                dm.model.train()
-
-            # --- checkpoint: every checkpoint_every steps, or per epoch; always at the end
-            saved = None
-            every = cfg.train.checkpoint_every
-            if (every and state.step % every == 0) or (epoch_done and not every) or run_done:
-                if epoch_done:  # the position is "start of the next epoch"
-                    state.epoch, state.step_in_epoch = epoch + 1, 0
-                tick = time.perf_counter()
-                _sync_norm_buffers(dm, ema)  # every rank saves the same statistics (ditto)
-                saved = save_checkpoint(
-                    dm, checkpoint_dir(run_dir, state.step), state, rank, world_size, ema
+    with logger.phase("loop"):
+        for epoch in range(state.epoch, cfg.train.epochs):
+            start = state.step_in_epoch if epoch == state.epoch else 0
+            if start >= steps_per_epoch:
+                # A checkpoint from longer epochs (fewer workers: more steps per epoch) taken
+                # past this epoch's end: the epoch is over; go on with the next one, and if it
+                # was the last, give the final figures no attempt gave (the checkpoint came first)
+                log.warning(
+                    "resumed at step %d of epoch %d, which now has %d steps: starting epoch %d",
+                    *(start, epoch, steps_per_epoch, epoch + 1),
                 )
-                phase_s["checkpoint_write"] += time.perf_counter() - tick
-            if report or saved is not None:
-                report.update(step=float(state.step), epoch=float(epoch))
-                tick = time.perf_counter()  # a barrier; Ray copies a checkpoint to storage here
-                session.report(report, str(saved) if saved is not None else None)
-                phase_s["report"] += time.perf_counter() - tick
-            if saved is not None and cfg.train.keep_checkpoints:
-                # after report: Ray has copied the folder to storage (and prunes its own copies)
-                prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
-            figures.update(report)
-        state.epoch, state.step_in_epoch = epoch + 1, 0
+                if epoch == cfg.train.epochs - 1:
+                    with logger.phase("eval"):
+                        figures = _final_report(
+                            dm, cfg, session, logger, state, eval_loader, metrics, ema
+                        )
+                continue
+            # Data position: a resumed epoch starts at its checkpointed step with a stream
+            # seeded by (epoch, step), yielding only the remaining batches.
+            train_loader.set_epoch(epoch, start_step=start)
+            batches = iter(train_loader)
+            if rng is not None:
+                set_rng_state(rng)  # before the first batch, so it sees the saved RNG
+                rng = None
+            dm.model.train()
+            logger.timer = StepTimer()
+            for step_in_epoch in range(start + 1, steps_per_epoch + 1):
+                grad_norm, applied = _train_step(dm, batches, window, logger, device)
+                _count_skipped_step(state, applied, cfg)
+                state.step += 1
+                state.step_in_epoch = step_in_epoch
+                if ema is not None:
+                    ema.update(dm.module, step=state.step)  # one fused lerp over the weights
+                dm.scheduler.step_update(state.step)  # the LR of the next update
+                epoch_done = step_in_epoch == steps_per_epoch
+                run_done = epoch_done and epoch == cfg.train.epochs - 1
 
-    phase_s["loop"] = time.perf_counter() - loop_start
-    logger.write(state.step, cfg.train.epochs - 1, phase_s, prefix="time/")
+                # --- log (one all-reduce per log step)
+                report: dict[str, float] = {}
+                if state.step % cfg.train.log_every == 0 or run_done:
+                    figures = logger.step_figures(dm.lr(), grad_norm if applied else None)
+                    figures["nonfinite_skipped"] = float(state.nonfinite)
+                    # shards dropped for a sha256 mismatch (data.on_damaged_shard=skip)
+                    damaged = getattr(train_loader, "damaged_shards", 0)
+                    figures["data/damaged_shards"] = float(damaged)
+                    logger.write(state.step, epoch, figures)
+                    report.update(figures)
+
+                # --- evaluate at the end of every eval_every-th epoch (and of the run); with
+                # train.best_metric, model/ keeps the best evaluated weights
+                if epoch_done and eval_loader is not None and _eval_due(cfg, epoch, run_done):
+                    with logger.phase("eval"):
+                        report.update(
+                            _evaluate(dm, cfg, eval_loader, metrics, ema, logger, state, epoch)
+                        )
+                        if _improves(cfg, report, state.best_score):
+                            state.best_score = report[cfg.train.best_metric]
+                            card = {**figures, **report, "step": float(state.step)}
+                            _save_model_folder(dm, cfg, run_dir, card, manifest_path, ema)
+                    dm.model.train()
+
+                # --- checkpoint (the checkpoint module decides when)
+                saved = None
+                if checkpoint_due(cfg.train, state.step, epoch_done, run_done):
+                    if epoch_done:  # the position is "start of the next epoch"
+                        state.epoch, state.step_in_epoch = epoch + 1, 0
+                    with logger.phase("checkpoint_write"):
+                        _sync_norm_buffers(dm, ema)  # every rank saves the same statistics
+                        directory = checkpoint_dir(run_dir, state.step)
+                        saved = save_checkpoint(dm, directory, state, rank, world_size, ema)
+                if report or saved is not None:
+                    report.update(step=float(state.step), epoch=float(epoch))
+                    with logger.phase("report"):  # a barrier; Ray copies a checkpoint here
+                        session.report(report, str(saved) if saved is not None else None)
+                if saved is not None and cfg.train.keep_checkpoints:
+                    # after report: Ray has copied the folder to storage
+                    prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+                figures.update(report)
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+
+    logger.write_phases(state.step, cfg.train.epochs - 1)
     if cfg.train.best_metric is None or state.best_score is None:
         _sync_norm_buffers(dm, ema)
         _save_model_folder(dm, cfg, run_dir, figures, manifest_path, ema)
     logger.close()
     return figures
+
+
+def _train_step(
+    dm: Distributed,
+    batches: Iterator[dict[str, Any]],
+    window: ContrastiveWindow,
+    logger: RunLogger,
+    device: torch.device,
+) -> tuple[float, bool]:
+    """One optimizer step: forward + backward over the accumulation window, then the update.
+
+    Returns the gradient norm and whether the update was applied (a non-finite norm on any rank
+    skips it on every rank). No device sync until ``optimizer_step``, which reads the norm on the
+    host: the one sync per step.
+    """
+    accumulation = dm.accumulation_steps
+    held: list[dict[str, Any]] = []
+    if window:
+        # contrastive losses over the whole window (retrieval across_accumulation): read the
+        # window's micro-batches first and embed them once without gradients
+        with logger.phase("data_wait"):
+            held = [_to_device(next(batches), device) for _ in range(accumulation)]
+        window.embed(held)
+    for micro in range(accumulation):
+        with logger.phase("data_wait"):
+            logger.timer.data_started()
+            batch = held[micro] if window else next(batches)
+            logger.timer.data_done(len(batch["image"]))
+        batch = _to_device(batch, device)
+        if window:
+            window.enter(micro)  # this micro-batch live, the others as recorded
+        with dm.micro_batch(is_last=micro == accumulation - 1):  # DDP: all-reduce on the last
+            with dm.autocast():
+                out = dm.model(batch["image"], batch)
+            dm.backward(out["loss"])
+        logger.add_losses(out["losses"], out["loss"])
+    window.close()
+    # DeepSpeed: reduce-scatter, clip, step; DDP: unscale, clip, step
+    return dm.optimizer_step()
+
+
+def _count_skipped_step(state: TrainState, applied: bool, cfg: Config) -> None:
+    """Count a skipped (non-finite) step; stop the run past ``train.max_nonfinite``."""
+    if applied:
+        return
+    state.nonfinite += 1
+    if state.nonfinite > cfg.train.max_nonfinite:
+        raise NonFiniteLossError(
+            f"{state.nonfinite} optimizer steps skipped for a non-finite gradient norm "
+            f"(train.max_nonfinite={cfg.train.max_nonfinite}) by step {state.step + 1}: lower "
+            f"optim.lr, enable optim.grad_clip, use train.precision=fp32/bf16, or check the data"
+        )
+
+
+def _eval_due(cfg: Config, epoch: int, run_done: bool) -> bool:
+    """Evaluate at the end of every ``train.eval_every``-th epoch, and of the run."""
+    every = cfg.train.eval_every
+    return bool(every) and ((epoch + 1) % every == 0 or run_done)
+
+
+def _evaluate(
+    dm: Distributed,
+    cfg: Config,
+    eval_loader: Iterable[dict[str, Any]],
+    metrics: Any,
+    ema: nn.Module | None,
+    logger: RunLogger,
+    state: TrainState,
+    epoch: int,
+) -> dict[str, float]:
+    """Score the evaluated model (the weight average, or the trained weights); ``val/*`` figures."""
+    _sync_norm_buffers(dm, ema)  # ranks evaluate the same model (no-op with SyncBN)
+    evaluated = ema.module if ema is not None else dm.module
+    results = evaluate(dm, eval_loader, metrics, cfg, evaluated)
+    logger.write(state.step, epoch, results, prefix="val/")
+    return {f"val/{k}": v for k, v in results.items()}
 
 
 def _final_report(
@@ -320,11 +337,7 @@ def _final_report(
     """
     report: dict[str, float] = {}
     if eval_loader is not None and cfg.train.eval_every:
-        _sync_norm_buffers(dm, ema)
-        evaluated = ema.module if ema is not None else dm.module
-        results = evaluate(dm, eval_loader, metrics, cfg, evaluated)
-        logger.write(state.step, cfg.train.epochs - 1, results, prefix="val/")
-        report.update({f"val/{k}": v for k, v in results.items()})
+        report = _evaluate(dm, cfg, eval_loader, metrics, ema, logger, state, cfg.train.epochs - 1)
     report.update(step=float(state.step), epoch=float(cfg.train.epochs - 1))
     session.report(report, None)
     return report
@@ -333,6 +346,8 @@ def _final_report(
 def _improves(cfg: Config, report: dict[str, float], best: float | None) -> bool:
     """True when ``train.best_metric`` in this evaluation's report beats ``best``."""
     name = cfg.train.best_metric
+    if name is None:
+        return False
     if name not in report:
         raise ValueError(
             f"train.best_metric={name!r} is not a reported figure; this step reports "
@@ -466,6 +481,18 @@ def _check_exactly_once(keys: list[str], expected_local: int | None) -> int:
             f"shard was unreadable or not assigned to any rank"
         )
     return len(everything)
+
+
+def _steps_per_epoch(batches: int, accumulation: int, device: torch.device) -> int:
+    """Optimizer steps per epoch; refuses fewer batches than one window, or unequal ranks."""
+    steps = batches // accumulation
+    if steps < 1:
+        raise ValueError(
+            f"the train loader yields {batches} batches per epoch, fewer than "
+            f"optim.accumulation_steps={accumulation}: lower it or raise train.steps_per_epoch"
+        )
+    _check_equal_steps(batches, device)
+    return steps
 
 
 def _check_equal_steps(batches: int, device: torch.device) -> None:
