@@ -41,6 +41,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
+    "auto_loader_workers",
     "check_heads",
     "load_config",
 ]
@@ -92,8 +93,11 @@ class DataConfig(_Strict):
     """Samples per worker per step (before gradient accumulation)."""
     eval_batch_size: int | None = None
     """Samples per worker per evaluation step; ``batch_size`` when unset."""
-    loader_workers: int = Field(2, ge=0)
-    """DataLoader worker processes per training worker."""
+    loader_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per training worker. Unset, it follows
+    ``cluster.cpus_per_worker`` (:func:`auto_loader_workers`): none on a worker of 1-2 CPUs,
+    where the step already uses every core and a loader process only preempts it, then one per
+    CPU beyond two, at most 8."""
     shuffle_buffer: int = Field(1000, ge=0)
     """Samples held in the shuffle buffer (0 disables shuffling)."""
     train_split: str = "train"
@@ -441,7 +445,13 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, ge=0)
     """Evaluate every N epochs (0 disables evaluation during training)."""
     checkpoint_every: int = Field(0, ge=0)
-    """Checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+    """Checkpoint every N optimizer steps; 0: at the end of an epoch, as often as
+    ``checkpoint_interval_s`` allows. The end of the run is always checkpointed."""
+    checkpoint_interval_s: float = Field(300.0, ge=0.0)
+    """With ``checkpoint_every=0``: the end of an epoch is checkpointed once this many seconds
+    have passed since the last checkpoint (or the start of this attempt); 0 checkpoints every
+    epoch. A lost worker costs at most this much training; short epochs do not each pay for a
+    checkpoint write and its copy to storage."""
     max_nonfinite: int = Field(10, ge=0)
     """Stop the run after this many optimizer steps skipped for a non-finite gradient norm
     (a NaN/inf loss or gradient on any rank; with fp16 also the loss scaler's overflow steps)."""
@@ -542,6 +552,17 @@ class TrackingConfig(_Strict):
         return self
 
 
+def auto_loader_workers(cpus_per_worker: float) -> int:
+    """DataLoader workers for a training worker of ``cpus_per_worker`` CPUs.
+
+    The step's own threads use every CPU the worker reserves; each loader process competes with
+    them. Measured on a 2-CPU worker (resnet18 + U-Net, 128 px slices, batch 8), two loader
+    workers made the step 20% slower than loading in the training process, whose reading and
+    augmentation took under 1% of the step. One worker per CPU beyond two, at most 8.
+    """
+    return max(0, min(8, int(cpus_per_worker) - 2))
+
+
 class Config(_Strict):
     """A complete run."""
 
@@ -557,6 +578,13 @@ class Config(_Strict):
     distributed: DistributedConfig = DistributedConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _loader_workers_fit_cpus(self) -> Config:
+        if "loader_workers" not in self.data.model_fields_set:
+            workers = auto_loader_workers(self.cluster.cpus_per_worker)
+            self.data = self.data.model_copy(update={"loader_workers": workers})
+        return self
 
     @model_validator(mode="after")
     def _ema_fits_strategy(self) -> Config:

@@ -37,9 +37,10 @@ TINY_DEMO = [
     "model.heads.patient.embed_dim=8",
     "data.image_size=32",
     "data.batch_size=8",
+    "train.checkpoint_interval_s=0",
 ]
 """``configs/demo.yaml`` shrunk to seconds per step on a CPU (a tiny timm ResNet at 32 px, small
-heads): the overrides the end-to-end tests and benchmarks start from, each adding its own
+heads, every epoch checkpointed, as the resume tests count on): the overrides the end-to-end tests and benchmarks start from, each adding its own
 strategy, schedule and cluster."""
 MASK_CLASSES = ("background", "tissue", "lesion")
 REAL_VOLUME = "anatomical.nii"

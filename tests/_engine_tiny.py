@@ -186,6 +186,8 @@ def tiny_config(tmp: Path, name: str, **sections: dict[str, Any]) -> Config:
             "eval_every": 0,
             "output_dir": str(tmp),
             "precision": "fp32",
+            # every epoch checkpointed: the tests count and resume from them
+            "checkpoint_interval_s": 0,
             # the engine tests check the raw weights' arithmetic; tests/test_engine_ema.py
             # covers the weight average
             "ema_decay": None,

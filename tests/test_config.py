@@ -25,6 +25,17 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.model.heads["diag"].type == "classification"
 
 
+@pytest.mark.parametrize("cpus,workers", [(1, 0), (2, 0), (4, 2), (16, 8)])
+def test_loader_workers_follow_the_cpus_a_worker_reserves(tmp_path, cpus, workers):
+    cfg = load_config(_write(tmp_path, MINIMAL), [f"cluster.cpus_per_worker={cpus}"])
+    assert cfg.data.loader_workers == workers
+    # set explicitly, it is kept, and a saved config reloads the same number
+    cfg = load_config(
+        _write(tmp_path, MINIMAL), [f"cluster.cpus_per_worker={cpus}", "data.loader_workers=3"]
+    )
+    assert cfg.data.loader_workers == 3
+
+
 def test_unknown_key_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.epochz"):
         load_config(_write(tmp_path, MINIMAL), ["train.epochz=3"])

@@ -284,6 +284,16 @@ def test_keep_checkpoints_prunes_old_folders(tmp_path: Path):
     assert folders == ["step_0000005", "step_0000006"]
 
 
+@pytest.mark.parametrize("interval_s,expected", [(0, [2, 4, 6]), (3600, [6])])
+def test_epoch_checkpoints_follow_the_interval(tmp_path: Path, interval_s, expected):
+    """``checkpoint_every=0``: an epoch's end is saved once ``checkpoint_interval_s`` passed
+    since the last save; the end of the run always is."""
+    cfg = _cfg(tmp_path, train={"epochs": 3, "checkpoint_interval_s": interval_s})
+    _, session = run_fit(cfg, 0, 1, batches=2)
+    assert [int(Path(c).name[5:]) for c in session.checkpoints] == expected
+    assert [h["step"] for h in session.history] == [1, 2, 3, 4, 5, 6]  # figures as before
+
+
 def test_resume_after_crash_logs_each_step_once(tmp_path: Path):
     """A crash after step 4 and a resume from the step-2 checkpoint: no duplicated rows."""
     cfg = _cfg(tmp_path, train={"epochs": 2, "checkpoint_every": 2})

@@ -47,6 +47,7 @@ import os
 import random
 import shutil
 import socket
+import time
 from argparse import Namespace
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ from bigmodel.engine._strategy import Distributed
 from sharding.helpers import atomic_write, atomic_write_json
 
 __all__ = [
+    "CheckpointClock",
     "TrainState",
     "checkpoint_dir",
     "checkpoint_due",
@@ -107,14 +109,43 @@ class TrainState:
     """Best ``train.best_metric`` so far (the evaluation whose weights are in ``model/``)."""
 
 
-def checkpoint_due(train: TrainConfig, step: int, epoch_done: bool, run_done: bool) -> bool:
+def checkpoint_due(
+    train: TrainConfig, step: int, epoch_done: bool, run_done: bool, since_last_s: float = 0.0
+) -> bool:
     """Whether the loop saves after optimizer step ``step``.
 
-    Every ``train.checkpoint_every`` steps, or at the end of every epoch when it is 0; always at
-    the end of the run.
+    Every ``train.checkpoint_every`` steps; when it is 0, at the end of an epoch once
+    ``since_last_s`` (seconds since the last checkpoint, :class:`CheckpointClock`) reaches
+    ``train.checkpoint_interval_s``; always at the end of the run.
     """
     every = train.checkpoint_every
-    return bool(every and step % every == 0) or (epoch_done and not every) or run_done
+    if run_done or (every and step % every == 0):
+        return True
+    return epoch_done and not every and since_last_s >= train.checkpoint_interval_s
+
+
+class CheckpointClock:
+    """Seconds since the last checkpoint of this attempt, the same figure on every rank.
+
+    Every rank must decide alike (a checkpoint is collective), and each reads its own clock:
+    :meth:`seconds` takes the largest across ranks (one all-reduce of one number; call it on
+    every rank at the same step).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        self._since = time.monotonic()
+
+    def seconds(self) -> float:
+        elapsed = time.monotonic() - self._since
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            tensor = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            elapsed = float(tensor.item())
+        return elapsed
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

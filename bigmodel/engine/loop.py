@@ -37,6 +37,7 @@ from bigmodel.engine._strategy import (
 )
 from bigmodel.engine._window import ContrastiveWindow
 from bigmodel.engine.checkpoint import (
+    CheckpointClock,
     TrainState,
     checkpoint_dir,
     checkpoint_due,
@@ -153,6 +154,7 @@ def fit(
         log.info("rank %d resumed from %s at step %d", rank, resume_from, state.step)
     # a resumed run drops the rows a crashed attempt logged after its checkpoint
     logger = RunLogger(run_dir, rank, world_size, device, resume_step=state.step)
+    clock = CheckpointClock(device)  # train.checkpoint_interval_s counts from here
     figures: dict[str, float] = {}
 
     with logger.phase("loop"):
@@ -218,13 +220,15 @@ def fit(
 
                 # --- checkpoint (the checkpoint module decides when)
                 saved = None
-                if checkpoint_due(cfg.train, state.step, epoch_done, run_done):
+                since = clock.seconds() if epoch_done else 0.0  # the same on every rank
+                if checkpoint_due(cfg.train, state.step, epoch_done, run_done, since):
                     if epoch_done:  # the position is "start of the next epoch"
                         state.epoch, state.step_in_epoch = epoch + 1, 0
                     with logger.phase("checkpoint_write"):
                         _sync_norm_buffers(dm, ema)  # every rank saves the same statistics
                         directory = checkpoint_dir(run_dir, state.step)
                         saved = save_checkpoint(dm, directory, state, rank, world_size, ema)
+                    clock.restart()
                 if report or saved is not None:
                     report.update(step=float(state.step), epoch=float(epoch))
                     with logger.phase("report"):  # a barrier; Ray copies a checkpoint here
