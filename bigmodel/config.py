@@ -137,26 +137,94 @@ class DataConfig(_Strict):
 
 
 class BackboneConfig(_Strict):
-    """A timm model used as a multi-scale feature extractor (``features_only``)."""
+    """The shared feature extractor: a timm model (2D) or one of MONAI's 3D encoders.
+
+    ``spatial_dims`` is the one switch between 2D and 3D (MONAI's habit: one field passed through
+    the networks and heads, not 2D and 3D copies of them). 2D backbones are timm models
+    (``features_only``); 3D backbones are the names in :attr:`BACKBONES_3D`, built from MONAI's
+    networks (``bigmodel.models.backbone3d``).
+    """
+
+    BACKBONES_3D: ClassVar[tuple[str, ...]] = (
+        "resenc3d",
+        "swinunetr3d",
+        "resnet10_3d",
+        "resnet18_3d",
+        "resnet34_3d",
+        "resnet50_3d",
+    )
+    """The 3D backbones: ``resenc3d`` (the residual encoder of MONAI's DynUNet, nnU-Net's
+    3d_fullres layout), ``swinunetr3d`` (SwinUNETR's Swin transformer encoder, ``swinViT``) and
+    ``resnetN_3d`` (MONAI's 3D ResNets, MedicalNet's layout)."""
 
     name: str = "resnet50"
-    """Any timm model name (``timm.list_models()``), e.g. resnet50, convnext_tiny, vit_base_patch16_224."""
+    """With ``spatial_dims=2``: any timm model name (``timm.list_models()``), e.g. resnet50,
+    convnext_tiny, vit_base_patch16_224. With ``spatial_dims=3``: one of :attr:`BACKBONES_3D`."""
+    spatial_dims: Literal[2, 3] = 2
+    """2: images ``[C, H, W]`` into a timm backbone; 3: volumes ``[C, D, H, W]`` into a 3D one."""
     pretrained: str | None = None
     """Local weights file or folder (.safetensors/.pth/.bin). Nothing is downloaded at run time."""
     in_chans: int | None = Field(None, gt=0)
     """Input channels; taken from the dataset manifest when unset."""
     out_indices: list[int] | None = None
-    """Feature levels to return; the backbone's default levels when unset."""
+    """Feature levels to return; the backbone's default levels when unset. ``resenc3d`` builds
+    its levels up to the deepest one asked for (nnU-Net's depth: 6 levels when unset)."""
+    base_channels: int | None = Field(None, gt=0)
+    """3D backbones only: channels of the finest level, doubled per level (``resenc3d``: nnU-Net's
+    32, capped at 320; ``swinunetr3d``: SwinUNETR's ``feature_size`` 48, a multiple of 12;
+    ``resnetN_3d``: 64). Unset: those defaults."""
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
-    """Stochastic depth rate passed to timm."""
-    grad_checkpointing: bool = False
-    """Trade compute for memory: recompute activations in the backward pass."""
+    """Stochastic depth rate (timm models and ``swinunetr3d``)."""
+    activation_checkpointing: bool = False
+    """Trade compute for memory: keep only each stage's input in the forward pass and recompute
+    the stage's activations in the backward pass. One switch for 2D and 3D, because it is the
+    same thing in both: timm's ``set_grad_checkpointing`` on a timm model, ``torch.utils.checkpoint``
+    per stage on ``resenc3d`` and ``resnetN_3d``, MONAI's ``use_checkpoint`` on ``swinunetr3d``.
+    Activations, not model state, are what fill memory in 3D (ZeRO shards only model state).
+    ``grad_checkpointing`` (the earlier, timm-named key) is read as this field."""
     channels_last: bool = False
-    """Use the NHWC memory format (faster convolutions on tensor cores)."""
+    """Use the NHWC memory format (NDHWC in 3D; faster convolutions on tensor cores)."""
     freeze: Literal["none", "all", "stages"] = "none"
     """Freeze nothing, the whole backbone, or its first ``freeze_stages`` stages."""
     freeze_stages: int = Field(0, ge=0)
     """Number of leading stages frozen when ``freeze=stages``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_grad_checkpointing(cls, data: Any) -> Any:
+        """Accept ``grad_checkpointing`` (saved configs and model folders) as the new name."""
+        if not isinstance(data, dict) or "grad_checkpointing" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("grad_checkpointing")
+        if data.setdefault("activation_checkpointing", old) != old:
+            raise ValueError(
+                "model.backbone.grad_checkpointing and model.backbone.activation_checkpointing "
+                "disagree; they are one switch: keep only activation_checkpointing"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _name_fits_spatial_dims(self) -> BackboneConfig:
+        is_3d = self.name in self.BACKBONES_3D
+        if is_3d and self.spatial_dims == 2:
+            raise ValueError(
+                f"model.backbone.name={self.name} is a 3D backbone but model.backbone."
+                "spatial_dims=2: set model.backbone.spatial_dims=3 (volumes), or name a timm "
+                "model for 2D images"
+            )
+        if not is_3d and self.spatial_dims == 3:
+            raise ValueError(
+                f"model.backbone.spatial_dims=3 but model.backbone.name={self.name} is not a 3D "
+                f"backbone (timm models are 2D): name one of {', '.join(self.BACKBONES_3D)}, or "
+                "set model.backbone.spatial_dims=2"
+            )
+        if self.base_channels is not None and not is_3d:
+            raise ValueError(
+                f"model.backbone.base_channels is for the 3D backbones; timm model {self.name} "
+                "has its own widths (unset base_channels)"
+            )
+        return self
 
 
 class _HeadBase(_Strict):

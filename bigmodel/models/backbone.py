@@ -1,10 +1,13 @@
-"""The shared backbone: any timm model as a multi-scale feature extractor.
+"""The shared backbone: any timm model (2D) or MONAI 3D encoder as a multi-scale feature extractor.
 
 timm's ``features_only=True`` gives every architecture the same small contract (STYLE.md rule 3):
 a list of feature maps plus ``feature_info.channels()`` and ``.reduction()``. Heads are written
 against that contract only, so a ResNet, ConvNeXt, HRNet, EfficientNet or ViT can be swapped by
-name. Pretrained weights come only from a local file or folder: training clusters are often
-offline, and a silent download at run time would make runs irreproducible.
+name. The 3D encoders (``backbone.spatial_dims=3``: nnU-Net's residual encoder, SwinUNETR's
+Swin encoder, 3D ResNets; :mod:`bigmodel.models.backbone3d`) keep the same contract, so one
+:class:`Backbone` wraps both. Pretrained weights come only from a local file or folder, checked
+key by key: training clusters are often offline, and a silent download at run time would make
+runs irreproducible.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from timm.utils.model import freeze
 from torch import Tensor, nn
 
 from bigmodel.config import BackboneConfig, ConfigError
+from bigmodel.models.backbone3d import create_encoder_3d
 
 __all__ = ["Backbone", "check_pretrained", "create_backbone", "resolve_pretrained_file"]
 
@@ -38,6 +42,13 @@ _log = logging.getLogger(__name__)
 
 
 def _download_hint(model_name: str) -> str:
+    if model_name in BackboneConfig.BACKBONES_3D:
+        return (
+            "bigmodel never downloads weights at run time. Save the state dict of the network "
+            f"{model_name} comes from (the MONAI DynUNet, SwinUNETR or ResNet, or bigmodel's "
+            "backbone.model) with safetensors, copy it next to the run, and set "
+            "backbone.pretrained=PATH (a file or its folder)."
+        )
     hub_id = ""
     with suppress(RuntimeError, AttributeError, ValueError):
         hub_id = timm.models.get_pretrained_cfg(model_name).hf_hub_id or ""
@@ -131,13 +142,18 @@ def _reference_model(cfg: BackboneConfig) -> nn.Module:
     ``features_only`` models rename and drop modules (``stages.0`` becomes ``stages_0``,
     EfficientNet loses its last convolution), so the file is checked against the model it was
     saved from. Built on the meta device (shapes only: no memory, no initialisation) where the
-    architecture allows it.
+    architecture allows it. A 3D encoder is its own reference: its keys are those of the MONAI
+    network it comes from.
     """
     kwargs = {"pretrained": False, "num_classes": 0, "in_chans": cfg.in_chans}
     try:
         with torch.device("meta"):
+            if cfg.spatial_dims == 3:
+                return create_encoder_3d(cfg)
             return timm.create_model(cfg.name, **kwargs)
     except (RuntimeError, NotImplementedError, ValueError):  # e.g. .item() during init
+        if cfg.spatial_dims == 3:
+            return create_encoder_3d(cfg)
         return timm.create_model(cfg.name, **kwargs)
 
 
@@ -181,12 +197,26 @@ def _compare_weights(
     """The file's tensors the model loads; a file that does not fit is refused, naming keys.
 
     Missing, unexpected or differently shaped keys are errors, except the classifier the file
-    may hold (a feature extractor has none): it is left out, with a warning.
+    may hold (a feature extractor has none) or, for a 3D encoder, the decoder of the whole MONAI
+    network it was saved from: those are left out, with a warning.
     """
     expected = reference.state_dict()
-    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
-    heads = (pretrained_cfg.classifier if pretrained_cfg else None) or ()
-    heads = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
+    if cfg.spatial_dims == 3:
+        heads = tuple(reference.decoder_prefixes)
+        architecture = f"3D backbone {cfg.name!r}"
+        fix = (
+            "Save the weights of the same network with the same in_chans and base_channels: "
+            "the encoder's (backbone.model) or the whole MONAI network's it comes from"
+        )
+    else:
+        pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
+        heads = (pretrained_cfg.classifier if pretrained_cfg else None) or ()
+        heads = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
+        architecture = f"timm model {cfg.name!r}"
+        fix = (
+            "Save the weights of the same architecture: "
+            f"timm.create_model({cfg.name!r}).state_dict()"
+        )
     unexpected = [k for k in state if k not in expected]
     classifier = [k for k in unexpected if heads and k.startswith(heads)]
     unexpected = [k for k in unexpected if k not in classifier]
@@ -208,24 +238,31 @@ def _compare_weights(
     ]
     if problems:
         raise ConfigError(
-            f"backbone.pretrained={str(path)!r} does not fit timm model {cfg.name!r} "
-            f"(in_chans={cfg.in_chans}): {'; '.join(problems)}. Save the weights of the same "
-            f"architecture: timm.create_model({cfg.name!r}).state_dict()"
+            f"backbone.pretrained={str(path)!r} does not fit {architecture} "
+            f"(in_chans={cfg.in_chans}): {'; '.join(problems)}. {fix}"
         )
     if classifier:
         _log.warning(
-            "backbone.pretrained=%s: classifier weights not loaded (features only): %s",
+            "backbone.pretrained=%s: %s weights not loaded (features only): %s",
             path,
+            "decoder" if cfg.spatial_dims == 3 else "classifier",
             ", ".join(classifier),
         )
     return {k: v for k, v in state.items() if k in expected}
 
 
 def _load_pretrained_state(cfg: BackboneConfig) -> dict[str, Tensor]:
-    """Read, adapt and check ``backbone.pretrained`` against the architecture, key by key."""
+    """Read, adapt and check ``backbone.pretrained`` against the architecture, key by key.
+
+    Only timm's weights are adapted (checkpoint filters, the stem summed to ``in_chans``); a 3D
+    file must fit as it is.
+    """
+    _require_in_chans(cfg)
     path = resolve_pretrained_file(cfg.pretrained, cfg.name)
     reference = _reference_model(cfg)
-    state = _adapt_weights(_read_weights(path), reference, cfg)
+    state = _read_weights(path)
+    if cfg.spatial_dims == 2:
+        state = _adapt_weights(state, reference, cfg)
     return _compare_weights(state, reference, cfg, path)
 
 
@@ -255,12 +292,16 @@ def _timm_load_report_off() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _create_timm_features(cfg: BackboneConfig) -> nn.Module:
+def _require_in_chans(cfg: BackboneConfig) -> None:
     if cfg.in_chans is None:
         raise ConfigError(
             "model.backbone.in_chans is not set: fill it from the dataset manifest with "
             "bigmodel.data.resolve_config(cfg, manifest) or set backbone.in_chans=N"
         )
+
+
+def _create_timm_features(cfg: BackboneConfig) -> nn.Module:
+    _require_in_chans(cfg)
     if not timm.is_model(cfg.name):
         close = timm.list_models(f"*{cfg.name.split('.')[0][:12]}*")[:8]
         raise ConfigError(
@@ -299,20 +340,22 @@ def _feature_module_path(model: nn.Module, name: str) -> str | None:
 
 
 class Backbone(nn.Module):
-    """A timm ``features_only`` model with the switches of :class:`BackboneConfig` applied.
+    """A timm ``features_only`` model or a 3D encoder, with the switches of :class:`BackboneConfig`.
 
     ``forward`` returns the list of feature maps (one per level, ``channels[i]`` channels at
-    1/``reductions[i]`` of the input size); :meth:`pool` turns them into one pooled embedding.
+    1/``reductions[i]`` of the input size along every spatial dimension, ``spatial_dims`` of
+    them); :meth:`pool` turns them into one pooled embedding.
     """
 
     def __init__(self, model: nn.Module, cfg: BackboneConfig) -> None:
         super().__init__()
         self.model = model
         self.name = cfg.name
+        self.spatial_dims = cfg.spatial_dims
         self.channels: list[int] = list(model.feature_info.channels())
         self.reductions: list[int] = list(model.feature_info.reduction())
         self.channels_last = cfg.channels_last
-        if cfg.grad_checkpointing:
+        if cfg.activation_checkpointing:
             self._enable_grad_checkpointing()
         if cfg.freeze == "all":
             # Frozen BatchNorm too: its running statistics must not drift while the heads train.
@@ -324,12 +367,33 @@ class Backbone(nn.Module):
                 )
             self.freeze_stages(cfg.freeze_stages)
         if cfg.channels_last:
-            self.to(memory_format=torch.channels_last)
+            self.to(memory_format=self.memory_format)
+        self.train(self.training)  # frozen 3D BatchNorm into eval mode
 
     @property
     def num_features(self) -> int:
         """Channels of the pooled embedding (the last feature level)."""
         return self.channels[-1]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The channels-last format of this many spatial dimensions (NHWC or NDHWC)."""
+        return torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Train mode, except frozen BatchNorm layers that timm cannot convert.
+
+        timm turns frozen ``BatchNorm2d`` into ``FrozenBatchNorm2d``; a frozen ``BatchNorm3d``
+        (the 3D ResNets) stays a BatchNorm kept in eval mode, so that its running statistics do
+        not drift while the heads train.
+        """
+        super().train(mode)
+        for module in self.model.modules():
+            params = list(module.parameters(recurse=False))
+            frozen = params and not any(p.requires_grad for p in params)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
+                module.eval()
+        return self
 
     def _enable_grad_checkpointing(self) -> None:
         target = self.model
@@ -339,9 +403,10 @@ class Backbone(nn.Module):
             target.set_grad_checkpointing(True)
         except (AssertionError, AttributeError, NotImplementedError) as err:
             raise ConfigError(
-                f"backbone.grad_checkpointing: timm's {self.name} does not support gradient "
-                f"checkpointing ({err or 'no set_grad_checkpointing'}); set "
-                "backbone.grad_checkpointing=false"
+                f"backbone.activation_checkpointing: timm's {self.name} does not support "
+                f"gradient checkpointing ({err or 'no set_grad_checkpointing'}); set "
+                "backbone.activation_checkpointing=false (its earlier name: "
+                "backbone.grad_checkpointing=false)"
             ) from None
 
     def freeze_stages(self, num_stages: int) -> None:
@@ -377,19 +442,33 @@ class Backbone(nn.Module):
         ]
         if norms:
             freeze(self.model, norms)  # BatchNorm -> FrozenBatchNorm2d (timm)
+        self.train(self.training)  # frozen BatchNorm3d into eval mode
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """Feature maps, finest first."""
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=self.memory_format)
         return list(self.model(images))
 
     @staticmethod
     def pool(features: list[Tensor]) -> Tensor:
-        """Global average of the last (coarsest) feature map: ``[B, num_features]``."""
-        return features[-1].mean(dim=(-2, -1))
+        """Global average of the last (coarsest) feature map over all its spatial dimensions:
+        ``[B, num_features]``."""
+        last = features[-1]
+        return last.mean(dim=tuple(range(2, last.dim())))
+
+
+def _create_encoder_3d(cfg: BackboneConfig) -> nn.Module:
+    _require_in_chans(cfg)
+    model = create_encoder_3d(cfg)
+    if cfg.pretrained is not None:
+        # Checked key by key first; what is left out (a decoder) was named in the warning.
+        model.load_state_dict(_load_pretrained_state(cfg), strict=False)
+    return model
 
 
 def create_backbone(cfg: BackboneConfig) -> Backbone:
     """Build the backbone named in ``cfg``; configuration mistakes raise :class:`ConfigError`."""
+    if cfg.spatial_dims == 3:
+        return Backbone(_create_encoder_3d(cfg), cfg)
     return Backbone(_create_timm_features(cfg), cfg)

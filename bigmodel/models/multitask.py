@@ -62,7 +62,7 @@ class MultiTaskModel(nn.Module):
         only in training mode), so ``losses`` then lacks detection heads.
         """
         features = self.backbone(images)
-        image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        image_size = tuple(int(n) for n in images.shape[2:])  # (H, W) or (D, H, W)
         outputs: dict[str, Any] = {}
         losses: dict[str, Tensor] = {}
         for name, head in self.heads.items():
@@ -93,7 +93,7 @@ class MultiTaskModel(nn.Module):
         name: str,
         head: nn.Module,
         features: list[Tensor],
-        image_size: tuple[int, int],
+        image_size: tuple[int, ...],
         target: list[dict[str, Tensor]] | None,
         has: Tensor | None,
     ) -> tuple[Any, Tensor | None]:

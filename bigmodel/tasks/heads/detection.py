@@ -78,15 +78,27 @@ class DetectionHead(nn.Module):
     """Boxes from the shared features; training returns torchvision's loss terms.
 
     Labels in the batch are 0-based. Faster/Mask R-CNN reserve class 0 for background, so
-    labels are shifted by one on the way in and back on the way out.
+    labels are shifted by one on the way in and back on the way out. 2D only: 3D detection is
+    refused when the head is built.
     """
 
     needs_targets = True
 
     def __init__(
-        self, channels: list[int], reductions: list[int], cfg: DetectionHeadConfig
+        self,
+        channels: list[int],
+        reductions: list[int],
+        cfg: DetectionHeadConfig,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        if spatial_dims != 2:
+            raise ConfigError(
+                f"a detection head is 2D only, but model.backbone.spatial_dims={spatial_dims}: "
+                "torchvision's RetinaNet and Faster/Mask R-CNN have no 3D form, and MONAI's 3D "
+                "RetinaNet is not wired in. Detect on 2D slices (a 2D backbone and 2D shards) "
+                "or remove the head"
+            )
         self.kind = cfg.detector
         levels = detection_levels(reductions)
         fpn = _SharedFeaturesFPN(channels, levels, cfg.fpn_channels)

@@ -14,6 +14,9 @@ __all__ = ["RetrievalHead", "RetrievalIndex"]
 class RetrievalHead(nn.Module):
     """Pooled coarsest features -> 2-layer projection -> unit-length embedding ``[B, embed_dim]``.
 
+    The pooling averages over every spatial dimension, so volumes (``spatial_dims=3``) embed as
+    images do.
+
     The non-linear projector (SimCLR / SupCon recipe) lets the metric loss shape the embedding
     without forcing the shared backbone features to be the embedding itself.
     """
@@ -21,7 +24,11 @@ class RetrievalHead(nn.Module):
     needs_targets = False
 
     def __init__(
-        self, channels: list[int], reductions: list[int], cfg: RetrievalHeadConfig
+        self,
+        channels: list[int],
+        reductions: list[int],
+        cfg: RetrievalHeadConfig,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         width = channels[-1]
@@ -29,9 +36,10 @@ class RetrievalHead(nn.Module):
             nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.embed_dim)
         )
 
-    def forward(self, features: list[Tensor], image_size: tuple[int, int]) -> Tensor:
+    def forward(self, features: list[Tensor], image_size: tuple[int, ...]) -> Tensor:
         """L2-normalised embeddings (cosine similarity is a dot product)."""
-        pooled = features[-1].mean(dim=(-2, -1))
+        last = features[-1]
+        pooled = last.mean(dim=tuple(range(2, last.dim())))
         return F.normalize(self.projection(pooled), dim=-1)
 
 
