@@ -649,9 +649,13 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _loader_workers_fit_cpus(self) -> Config:
-        if "loader_workers" not in self.data.model_fields_set:
-            workers = auto_loader_workers(self.cluster.cpus_per_worker)
-            self.data = self.data.model_copy(update={"loader_workers": workers})
+        workers = auto_loader_workers(self.cluster.cpus_per_worker)
+        if "loader_workers" not in self.data.model_fields_set and (
+            self.data.loader_workers != workers
+        ):
+            data = self.data.model_copy(update={"loader_workers": workers})
+            data.model_fields_set.discard("loader_workers")  # still the schema's choice
+            self.data = data
         return self
 
     @model_validator(mode="after")

@@ -133,6 +133,26 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """The demo's shards, built once per session: nibabel's real MR volume + 6 generated
+    patients, the source's own split, at most 6 samples per shard (enough shards for 2 ranks).
+
+    Shared by the end-to-end modules, so treat it as read-only: a test that damages or rebuilds
+    shards works on its own copy.
+    """
+    from launch._demo_data import MASK_CLASSES, write_demo_source
+    from sharding.build import BuildOptions, build_shards
+    from sharding.readers.nifti import NiftiCsvReader
+
+    work = tmp_path_factory.mktemp("demo-shards")
+    csv_path = write_demo_source(work / "source", patients=6)
+    reader = NiftiCsvReader(str(csv_path), mask_classes=",".join(MASK_CLASSES))
+    options = BuildOptions(max_shard_samples=6, use_source_split=True, progress=False)
+    build_shards(reader, work / "shards", options)
+    return work / "shards"
+
+
 @pytest.fixture
 def subprocess_env() -> dict[str, str]:
     """Environment for a Ray-using subprocess that must NOT join any cluster (embedded Ray)."""

@@ -40,9 +40,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from bigmodel.config import load_config
 from bigmodel.model_folder import MODEL_CARD, WEIGHTS
 from launch import _ray_config
-from launch._demo_data import MASK_CLASSES, TINY_DEMO, write_demo_source
-from sharding.build import BuildOptions, build_shards
-from sharding.readers.nifti import NiftiCsvReader
+from launch._demo_data import TINY_DEMO
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOURCE = "bigmodel_second_node"  # the custom resource only the second node has
@@ -162,16 +160,9 @@ def second_node(ray_head):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Demo shards (real nibabel MR volume + 6 generated patients), small shards for 2 ranks."""
-    work = tmp_path_factory.mktemp("multinode-shards")
-    csv_path = write_demo_source(work / "source", patients=6)
-    reader = NiftiCsvReader(str(csv_path), mask_classes=",".join(MASK_CLASSES))
-    out = work / "shards"
-    build_shards(
-        reader, out, BuildOptions(max_shard_samples=6, use_source_split=True, progress=False)
-    )
-    return out
+def shards(demo_shards) -> Path:
+    """The session's demo shards (conftest.py), small shards for 2 ranks."""
+    return demo_shards
 
 
 def _wait_for(predicate, timeout: float, what: str, poll: float = 0.2):

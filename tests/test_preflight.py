@@ -9,22 +9,15 @@ from pathlib import Path
 import pytest
 
 import launch.train
-from launch._demo_data import MASK_CLASSES, write_demo_source
-from sharding.build import BuildOptions, build_shards
-from sharding.readers.nifti import NiftiCsvReader
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Demo shards: a real nibabel MR volume + 6 generated patients, tasks cls and mask."""
-    work = tmp_path_factory.mktemp("preflight")
-    csv_path = write_demo_source(work / "source", patients=6)
-    reader = NiftiCsvReader(str(csv_path), mask_classes=",".join(MASK_CLASSES))
-    build_shards(reader, work / "shards", BuildOptions(max_shard_samples=6, use_source_split=True))
-    return work / "shards"
+def shards(demo_shards) -> Path:
+    """The session's demo shards (conftest.py): tasks cls and mask."""
+    return demo_shards
 
 
 @pytest.fixture

@@ -12,15 +12,12 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from bigmodel.config import load_config
 from bigmodel.data import ManifestError
-from launch._demo_data import MASK_CLASSES, write_demo_source
 from launch._worker import (
     DeterministicError,
     StopOnDeterministicError,
     failure_summary,
     worker_log,
 )
-from sharding.build import BuildOptions, build_shards
-from sharding.readers.nifti import NiftiCsvReader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,17 +54,12 @@ def test_failure_summary_is_one_line_with_the_log(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_data_error_on_the_worker_is_not_retried(tmp_path, subprocess_env):
+def test_data_error_on_the_worker_is_not_retried(tmp_path, demo_shards, subprocess_env):
     """A ManifestError raised on the worker: exit 2 at once, one attempt, traceback in the log."""
-    csv_path = write_demo_source(tmp_path / "source", patients=6)
-    reader = NiftiCsvReader(str(csv_path), mask_classes=",".join(MASK_CLASSES))
-    build_shards(
-        reader, tmp_path / "shards", BuildOptions(max_shard_samples=6, use_source_split=True)
-    )
     cmd = [
         str(Path(sys.executable).parent / "bigmodel-train"),
         str(ROOT / "configs" / "demo.yaml"),
-        f"data.shards={tmp_path / 'shards'}",
+        f"data.shards={demo_shards}",
         f"train.output_dir={tmp_path / 'runs'}",
         "name=det",
         "cluster.num_workers=1",

@@ -27,9 +27,7 @@ import pytest
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from launch._demo_data import MASK_CLASSES, TINY_DEMO, write_demo_source
-from sharding.build import BuildOptions, build_shards
-from sharding.readers.nifti import NiftiCsvReader
+from launch._demo_data import TINY_DEMO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -59,14 +57,9 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shards(workdir) -> Path:
-    csv_path = write_demo_source(workdir / "source", patients=6)
-    reader = NiftiCsvReader(str(csv_path), mask_classes=",".join(MASK_CLASSES))
-    out = workdir / "shards"
-    build_shards(
-        reader, out, BuildOptions(max_shard_samples=6, use_source_split=True, progress=False)
-    )
-    return out
+def shards(demo_shards) -> Path:
+    """The session's demo shards (conftest.py)."""
+    return demo_shards
 
 
 def _sweep_file(
