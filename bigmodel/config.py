@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "Augment3dConfig",
     "AugmentConfig",
     "BackboneConfig",
     "ClassificationHeadConfig",
@@ -74,6 +75,30 @@ class AugmentConfig(_Strict):
     """Random crop (after padding when needed) to ``data.image_size``; centre crop when False."""
     intensity_jitter: float = 0.1
     """Scale and shift of normalised intensities, drawn from [-x, x]; 0 disables."""
+
+
+class Augment3dConfig(_Strict):
+    """Training-time augmentation of 3D patches (MONAI transforms; masks follow the image).
+
+    Defaults are nnU-Net's kinds of augmentation at a lighter dose (its rotations reach 30
+    degrees and its scaling 0.7-1.4): mirroring on every axis, a small rotation and scaling,
+    gamma, Gaussian noise. ``data.augment.intensity_jitter`` applies to 3D patches too.
+    """
+
+    flip: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability of mirroring each axis (D, H and W drawn separately); 0 disables."""
+    affine_prob: float = Field(0.2, ge=0.0, le=1.0)
+    """Probability of one random rotation + scaling (``RandAffined``) of a patch."""
+    rotate_deg: float = Field(15.0, ge=0.0)
+    """Largest rotation about each axis, in degrees."""
+    scale: float = Field(0.15, ge=0.0, lt=1.0)
+    """Largest relative zoom (a patch is scaled by 1 +- x per axis)."""
+    gamma_prob: float = Field(0.3, ge=0.0, le=1.0)
+    """Probability of a gamma change of contrast (``RandAdjustContrastd``, gamma 0.7-1.5)."""
+    noise_prob: float = Field(0.1, ge=0.0, le=1.0)
+    """Probability of additive Gaussian noise (``RandGaussianNoised``)."""
+    noise_std: float = Field(0.1, ge=0.0)
+    """Largest standard deviation of that noise (normalised intensities)."""
 
 
 class DataConfig(_Strict):
@@ -130,6 +155,34 @@ class DataConfig(_Strict):
     (decoding only the kept ones). None: the data's own class frequencies."""
     augment: AugmentConfig = AugmentConfig()
     """Training-time augmentation."""
+    patch_size: list[int] | None = None
+    """3D (``model.backbone.spatial_dims=3``): the ``[D, H, W]`` patch sampled from each volume
+    in training, and the window of the sliding-window evaluation (Gaussian blending, overlap
+    0.5). Volumes smaller than the patch are padded (images with 0, the normalised mean; masks
+    with the ignore value). Each side must be a multiple of the backbone's coarsest reduction.
+    Needed in 3D; unused in 2D (``image_size``)."""
+    foreground_ratio: float = Field(0.33, ge=0.0, le=1.0)
+    """3D: share of patches centred on a foreground (labelled, non-background) voxel, the others
+    on a background voxel (MONAI's ``RandCropByPosNegLabeld``; nnU-Net's one third). Volumes
+    without a labelled foreground voxel are cropped uniformly."""
+    foreground_classes: bool = False
+    """3D: centre the foreground patches on a class drawn uniformly among the mask classes
+    present in the volume (``RandCropByLabelClassesd``: rare classes get as many patches as
+    common ones) instead of on any foreground voxel."""
+    samples_per_volume: int = Field(2, ge=1)
+    """3D: patches drawn from each volume read, so a volume is decoded once per visit, not once
+    per patch. A training sample (``batch_size``, ``steps_per_epoch``) is a patch."""
+    augment3d: Augment3dConfig = Augment3dConfig()
+    """3D: training-time augmentation of the patches."""
+
+    @field_validator("patch_size")
+    @classmethod
+    def _three_sides(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) != 3 or min(value) < 1):
+            raise ValueError(
+                f"data.patch_size={value}: give three positive sides [D, H, W], e.g. [64, 128, 128]"
+            )
+        return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ MR) is written here.
 
 Evaluation never crops: with ``resize=none`` it keeps the whole image (the engine runs sliding
 windows over images larger than ``image_size``), with ``resize=fit`` it resizes exactly as
-training did. Batches of whole images of different sizes are padded at the bottom/right by
-:func:`collate` (images with 0, masks with the ignore value; box coordinates are unchanged).
+training did. Batches of whole images (or 3D volumes) of different sizes are padded at the
+end of each spatial dimension by :func:`collate` (images with 0, masks with the ignore value;
+box coordinates are unchanged). 3D samples are transformed by ``bigmodel.data._volume``.
 """
 
 from __future__ import annotations
@@ -147,22 +148,24 @@ class SampleTransform:
         return out
 
 
-def _pad_to(tensor: torch.Tensor, height: int, width: int, value: float) -> torch.Tensor:
-    """Pad the last two dimensions at the bottom/right (box coordinates stay valid)."""
-    pad_h, pad_w = height - tensor.shape[-2], width - tensor.shape[-1]
-    if not (pad_h or pad_w):
+def _pad_to(tensor: torch.Tensor, shape: tuple[int, ...], value: float) -> torch.Tensor:
+    """Pad the trailing (spatial) dimensions at their end (box coordinates stay valid)."""
+    pad: list[int] = []
+    for have, want in zip(reversed(tensor.shape[-len(shape) :]), reversed(shape), strict=True):
+        pad += [0, want - have]  # F.pad: last dimension first
+    if not any(pad):
         return tensor
-    return torch.nn.functional.pad(tensor, [0, pad_w, 0, pad_h], value=value)
+    return torch.nn.functional.pad(tensor, pad, value=value)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples into a batch following docs/contracts.md (lists for keys, groups, boxes)."""
     first = samples[0]
-    # Whole images in evaluation may differ in size: pad to the largest of the batch.
-    height = max(s["image"].shape[-2] for s in samples)
-    width = max(s["image"].shape[-1] for s in samples)
+    # Whole images (volumes) in evaluation may differ in size: pad to the largest of the batch.
+    spatial = first["image"].ndim - 1
+    shape = tuple(max(s["image"].shape[1 + d] for s in samples) for d in range(spatial))
     batch: dict[str, Any] = {
-        "image": torch.stack([_pad_to(s["image"], height, width, 0.0) for s in samples]),
+        "image": torch.stack([_pad_to(s["image"], shape, 0.0) for s in samples]),
         "key": [s["key"] for s in samples],
         "group": [s["group"] for s in samples],
         # the shards the batch's samples come from (integrity reports name the steps using one)
@@ -175,9 +178,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if "cls" in first:
         batch["cls"] = torch.stack([s["cls"] for s in samples])
     if "mask" in first:
-        batch["mask"] = torch.stack(
-            [_pad_to(s["mask"], height, width, MASK_IGNORE) for s in samples]
-        )
+        batch["mask"] = torch.stack([_pad_to(s["mask"], shape, MASK_IGNORE) for s in samples])
     if "boxes" in first:
         batch["boxes"] = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
     return batch

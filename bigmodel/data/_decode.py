@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bigmodel.data.manifest import Manifest
+from bigmodel.data.manifest import Manifest, layout_mismatch
 from sharding.format import (
     BOXES,
     CLS,
@@ -52,24 +52,28 @@ def _where(sample: dict[str, Any]) -> str:
 class SampleDecoder:
     """Turn a webdataset-decoded sample into a dict of tensors (picklable, for loader workers).
 
-    Output keys: ``image`` float32 ``[C, H, W]`` (raw intensities, not yet normalised), ``key``,
-    ``group``, ``has`` (``{task: bool}`` for the manifest's tasks) and per task present in the
-    manifest: ``cls`` (int64 scalar or float32 ``[K]``), ``mask`` (int64 ``[H, W]``), ``boxes``
-    (float32 ``[N, 4]``) with ``labels`` (int64 ``[N]``).
+    Output keys: ``image`` float32 ``[C, *spatial]`` (``[C, H, W]``, or ``[C, D, H, W]`` with
+    ``spatial_dims=3``; raw intensities, not yet normalised), ``key``, ``group``, ``has``
+    (``{task: bool}`` for the manifest's tasks) and per task present in the manifest: ``cls``
+    (int64 scalar or float32 ``[K]``), ``mask`` (int64 ``[*spatial]``), ``boxes`` (float32
+    ``[N, 4]``) with ``labels`` (int64 ``[N]``).
+
+    Args:
+        manifest: the shards' manifest; its layout must fit ``spatial_dims``.
+        spatial_dims: 2 (images, slices) or 3 (volumes: ``--layout 3d`` shards).
     """
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, spatial_dims: int = 2) -> None:
         self.channels = manifest.image.channels
         self.tasks = dict(manifest.tasks)
-        if manifest.layout == "3d":
-            raise SampleError(
-                f"{manifest.path}: layout is '3d' ([C, D, H, W] samples) but the models are 2D; "
-                f"rebuild the shards with --layout 2d or 2.5d"
-            )
+        self.spatial_dims = spatial_dims
+        problem = layout_mismatch(manifest, spatial_dims)
+        if problem is not None:
+            raise SampleError(problem)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         image = self._image(sample)
-        height, width = image.shape[-2:]
+        spatial = tuple(image.shape[1:])
         out: dict[str, Any] = {
             "image": image,
             "key": sample["__key__"],
@@ -85,13 +89,22 @@ class SampleDecoder:
         if "cls" in self.tasks:
             out["cls"], out["has"]["cls"] = self._cls(sample)
         if "mask" in self.tasks:
-            out["mask"], out["has"]["mask"] = self._mask(sample, height, width)
+            out["mask"], out["has"]["mask"] = self._mask(sample, spatial)
         if "boxes" in self.tasks:
             out["boxes"], out["labels"], out["has"]["boxes"] = self._boxes(sample)
         return out
 
     def _image(self, sample: dict[str, Any]) -> torch.Tensor:
-        if IMAGE_NPY in sample:
+        if IMAGE_NPY in sample and self.spatial_dims == 3:
+            array = np.asarray(sample[IMAGE_NPY])
+            if array.ndim != 4:
+                raise SampleError(
+                    f"{_where(sample)}: image.npy has shape {list(array.shape)}; a 3D sample is "
+                    f"[C, D, H, W]: rebuild the shards with --layout 3d"
+                )
+        elif IMAGE_PNG in sample and self.spatial_dims == 3:
+            raise SampleError(f"{_where(sample)}: image.png in a 3D shard; rebuild the shards")
+        elif IMAGE_NPY in sample:
             array = np.asarray(sample[IMAGE_NPY])
             if array.ndim == 4:
                 raise SampleError(
@@ -146,15 +159,15 @@ class SampleDecoder:
             )
         return torch.tensor(index, dtype=torch.int64), True
 
-    def _mask(self, sample: dict[str, Any], height: int, width: int) -> tuple[torch.Tensor, bool]:
+    def _mask(self, sample: dict[str, Any], spatial: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
         raw = sample.get(MASK_PNG, sample.get(MASK_NPY))
         if raw is None:
-            return torch.full((height, width), MASK_IGNORE, dtype=torch.int64), False
+            return torch.full(spatial, MASK_IGNORE, dtype=torch.int64), False
         mask = np.asarray(raw)
-        if mask.shape != (height, width):
+        if mask.shape != spatial:
             raise SampleError(
                 f"{_where(sample)}: mask shape {list(mask.shape)} does not match the image's "
-                f"{[height, width]}"
+                f"{list(spatial)}"
             )
         return torch.from_numpy(mask.astype(np.int64)), True
 

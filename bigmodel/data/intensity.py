@@ -183,27 +183,30 @@ def intensity_spec(
     return IntensitySpec(name)
 
 
-def _channel_view(values: tuple[float, ...], image: torch.Tensor) -> torch.Tensor:
+def _channel_view(
+    values: tuple[float, ...], image: torch.Tensor, spatial_dims: int
+) -> torch.Tensor:
     view = torch.tensor(values, dtype=torch.float32, device=image.device)
+    ones = (1,) * spatial_dims
     if view.numel() == 1:
-        return view.view(1, 1, 1)
-    if view.numel() != image.shape[-3]:
+        return view.view(1, *ones)
+    if view.numel() != image.shape[-1 - spatial_dims]:
         raise ValueError(f"intensity statistics have {view.numel()} channels, image {image.shape}")
-    return view.view(-1, 1, 1)
+    return view.view(-1, *ones)
 
 
-def _volume_view(values: list[float], image: torch.Tensor) -> torch.Tensor:
-    """Per-source-channel volume statistics as a ``[C, 1, 1]`` view; a 2.5D sample stacks
+def _volume_view(values: list[float], image: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """Per-source-channel volume statistics as a ``[C, 1, 1(, 1)]`` view; a 2.5D sample stacks
     ``2k + 1`` slices of each source channel (channel-major), which share that channel's value."""
     view = torch.tensor(values, dtype=torch.float32, device=image.device)
-    channels = image.shape[-3]
+    channels = image.shape[-1 - spatial_dims]
     if channels != view.numel():
         if channels % view.numel():
             raise ValueError(
                 f"volume statistics have {view.numel()} channels, image {list(image.shape)}"
             )
         view = view.repeat_interleave(channels // view.numel())
-    return view.view(-1, 1, 1)
+    return view.view(-1, *(1,) * spatial_dims)
 
 
 def apply_intensity(
@@ -211,8 +214,9 @@ def apply_intensity(
     spec: IntensitySpec,
     window: dict[str, Any] | None = None,
     volume: dict[str, Any] | None = None,
+    spatial_dims: int = 2,
 ) -> torch.Tensor:
-    """The preprocessed float32 image ``[..., C, H, W]`` (one image or a batch of one volume).
+    """The preprocessed float32 image ``[..., C, *spatial]`` (one image or a batch of one volume).
 
     Args:
         image: raw intensities (HU for CT) as sharding stored them.
@@ -221,6 +225,8 @@ def apply_intensity(
             ``ct_window`` without a fixed window.
         volume: the statistics of the volume the image belongs to (``meta.json`` ``intensity``,
             :func:`sharding._stats.volume_intensity`), used by ``mr``.
+        spatial_dims: 2 for images ``[..., C, H, W]``, 3 for volumes ``[..., C, D, H, W]``
+            (the same statistics: a 3D sample carries its volume's ``intensity`` as a slice does).
 
     Raises:
         ValueError: ``ct_window`` needs the sample's window and it has none; ``mr`` needs the
@@ -244,7 +250,7 @@ def apply_intensity(
         center, half = (low + high) / 2, max((high - low) / 2, _EPS)
         return (image.clamp(low, high) - center) / half
     if scheme == "image" or (scheme == "mr" and not spec.region):
-        dims = (-2, -1)
+        dims = tuple(range(-spatial_dims, 0))
         mean = image.mean(dim=dims, keepdim=True)
         std = image.std(dim=dims, keepdim=True, unbiased=False)
         return (image - mean) / std.clamp_min(_EPS)
@@ -256,18 +262,19 @@ def apply_intensity(
                 "version of bigmodel-shard build"
             )
         prefix = "nonzero_" if spec.region == "nonzero" else ""
-        mean = _volume_view(volume[prefix + "mean"], image)
-        std = _volume_view(volume[prefix + "std"], image).clamp_min(_EPS)
+        mean = _volume_view(volume[prefix + "mean"], image, spatial_dims)
+        std = _volume_view(volume[prefix + "std"], image, spatial_dims).clamp_min(_EPS)
         out = (image - mean) / std
         if spec.region == "nonzero":
             # nnU-Net sets the voxels outside the non-zero mask (any channel) to 0 after the
             # z-score, so background reads as the region's mean, not as a large negative value
-            inside = (image != 0).any(dim=-3, keepdim=True)
+            inside = (image != 0).any(dim=-1 - spatial_dims, keepdim=True)
             out = torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out
     if scheme == "ct":
-        image = torch.maximum(image, _channel_view(spec.low, image))
-        image = torch.minimum(image, _channel_view(spec.high, image))
+        image = torch.maximum(image, _channel_view(spec.low, image, spatial_dims))
+        image = torch.minimum(image, _channel_view(spec.high, image, spatial_dims))
     # ct and dataset: z-score; a constant channel has std 0, dividing by 1 keeps it finite
     std = tuple(s if s > 0 else 1.0 for s in spec.std)
-    return (image - _channel_view(spec.mean, image)) / _channel_view(std, image)
+    mean = _channel_view(spec.mean, image, spatial_dims)
+    return (image - mean) / _channel_view(std, image, spatial_dims)

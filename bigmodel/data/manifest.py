@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bigmodel.config import Config, ConfigError
+from bigmodel.config import BackboneConfig, Config, ConfigError
 from bigmodel.data.intensity import IntensitySpec, intensity_spec
 from sharding import format as fmt
 from sharding import storage
@@ -36,6 +36,7 @@ __all__ = [
     "class_balance",
     "data_intensity",
     "fold_split_names",
+    "layout_mismatch",
     "load_manifest",
     "resolve_config",
 ]
@@ -375,6 +376,40 @@ def validation_note(cfg: Config, manifest: Manifest) -> str | None:
     )
 
 
+def layout_mismatch(manifest: Manifest, spatial_dims: int) -> str | None:
+    """The one-line refusal when the shards' layout and ``model.backbone.spatial_dims``
+    disagree (3D volumes for a 2D backbone, or 2D/2.5D slices for a 3D one); None when they fit.
+    """
+    if manifest.layout == "3d" and spatial_dims == 2:
+        return (
+            f"{manifest.path}: layout is '3d' ([C, D, H, W] volumes) but "
+            f"model.backbone.spatial_dims=2 (a 2D backbone): set model.backbone.spatial_dims=3 "
+            f"with a 3D backbone ({', '.join(BackboneConfig.BACKBONES_3D)}) and data.patch_size, "
+            f"or rebuild the shards with --layout 2d or 2.5d"
+        )
+    if manifest.layout != "3d" and spatial_dims == 3:
+        return (
+            f"{manifest.path}: layout is '{manifest.layout}' ([C, H, W] slices) but "
+            f"model.backbone.spatial_dims=3 (a 3D backbone): rebuild the shards with "
+            f"--layout 3d, or set model.backbone.spatial_dims=2 with a timm backbone"
+        )
+    return None
+
+
+def _check_spatial_dims(cfg: Config, manifest: Manifest) -> None:
+    """Refuse shards of the other dimension count, and 3D without ``data.patch_size``."""
+    spatial_dims = cfg.model.backbone.spatial_dims
+    problem = layout_mismatch(manifest, spatial_dims)
+    if problem is not None:
+        raise ConfigError(problem)
+    if spatial_dims == 3 and cfg.data.patch_size is None:
+        raise ConfigError(
+            f"data.patch_size is unset but model.backbone.spatial_dims=3 trains on patches of "
+            f"{manifest.path}'s volumes: set data.patch_size=[D,H,W] (e.g. [64,128,128], each "
+            f"side a multiple of the backbone's coarsest reduction)"
+        )
+
+
 def data_intensity(cfg: Config, manifest: Manifest) -> IntensitySpec | None:
     """The intensity preprocessing of this run (None: ``data.normalize=none``, raw values)."""
     if cfg.data.normalize == "none":
@@ -482,6 +517,7 @@ def resolve_config(cfg: Config, manifest: Manifest) -> Config:
             ``balanced`` option has no counts to come from.
     """
     cfg = cfg.model_copy(deep=True)
+    _check_spatial_dims(cfg, manifest)  # 3D shards for a 2D backbone (or the reverse) fail here
     data_intensity(cfg, manifest)  # an intensity scheme unfit for the modality fails here
     _check_resize(cfg, manifest)
     backbone = cfg.model.backbone

@@ -67,6 +67,7 @@ from bigmodel.data.manifest import (
     ManifestError,
     class_balance,
     data_intensity,
+    layout_mismatch,
 )
 from sharding.format import CLS
 
@@ -180,12 +181,44 @@ def _balanced(
             yield sample
 
 
-def _check_layout(manifest: Manifest) -> None:
-    if manifest.layout == "3d":
-        raise ManifestError(
-            f"{manifest.path}: layout is '3d' but the models are 2D; rebuild the shards with "
-            f"--layout 2d or 2.5d"
-        )
+def _check_layout(cfg: Config, manifest: Manifest) -> int:
+    """The run's spatial dims, when the shards' layout fits them (one line naming both if not)."""
+    spatial_dims = cfg.model.backbone.spatial_dims
+    problem = layout_mismatch(manifest, spatial_dims)
+    if problem is not None:
+        raise ManifestError(problem)
+    return spatial_dims
+
+
+def _patches(
+    src: Iterable[dict],
+    transform: Any,
+    seed: int,
+    rank: int,
+    position: _SharedPosition,
+) -> Iterator[dict]:
+    """3D: each decoded volume as ``data.samples_per_volume`` augmented patches.
+
+    The patch sampler and augmentations (MONAI's, each with its own generator) are seeded from
+    this worker's stream seed when the stream (re)starts, so a resumed loader draws the same
+    patches as a fresh one at the same position.
+    """
+    transform.set_random_state(
+        _stream_seed(seed, rank, _worker_id(), *position.seed_parts(), "patches")
+    )
+    for sample in src:
+        yield from transform(sample)
+
+
+def _volume_transform(cfg: Config, manifest: Manifest, train: bool) -> Any:
+    # Imported here, not at the top: ``import monai`` takes seconds that 2D runs never need.
+    from bigmodel.data._volume import VolumePatches, VolumeTransform
+
+    intensity = data_intensity(cfg, manifest)
+    if not train:
+        return VolumeTransform(intensity)
+    mask = manifest.tasks.get("mask")
+    return VolumePatches(cfg.data, intensity, len(mask.classes) if mask is not None else 0)
 
 
 def _transform(cfg: Config, manifest: Manifest, train: bool) -> SampleTransform:
@@ -208,12 +241,15 @@ def train_batches_per_epoch(cfg: Config, manifest: Manifest, world_size: int) ->
     """Loader batches each rank yields per epoch (micro-batches, counting accumulation).
 
     ``train.steps_per_epoch`` when set, else one pass over the split's samples by the global
-    batch (at least one optimizer step).
+    batch (at least one optimizer step); in 3D a sample is a patch, ``data.samples_per_volume``
+    per volume.
     """
     accumulation = cfg.optim.accumulation_steps
     if cfg.train.steps_per_epoch is not None:
         return cfg.train.steps_per_epoch * accumulation
     samples = manifest.split(cfg.data.train_split).num_samples
+    if cfg.model.backbone.spatial_dims == 3:
+        samples *= cfg.data.samples_per_volume  # a 3D training sample is a patch
     steps = samples // (cfg.data.batch_size * world_size * accumulation)
     return max(1, steps) * accumulation
 
@@ -400,9 +436,9 @@ def make_train_loader(
 
     Raises:
         ManifestError: the split has fewer shards than ranks x loader workers (some would get
-            none), or the manifest cannot be used for 2D training.
+            none), or the shards' layout does not fit ``model.backbone.spatial_dims``.
     """
-    _check_layout(manifest)
+    spatial_dims = _check_layout(cfg, manifest)
     data = cfg.data
     split = manifest.split(data.train_split)
     workers = data.loader_workers
@@ -455,11 +491,22 @@ def make_train_loader(
         else None,
         # numpy arrays, ints, JSON objects (group still bytes)
         wds.decode(png_handler),
-        # tensors, absent labels filled, has flags
-        wds.map(SampleDecoder(manifest)),
-        # intensities preprocessed (data.intensity), resized (data.resize), flipped,
+        # tensors, absent labels filled, has flags: images [C, H, W] (3D: volumes [C, D, H, W])
+        wds.map(SampleDecoder(manifest, spatial_dims)),
+        # 2D: intensities preprocessed (data.intensity), resized (data.resize), flipped,
         # cropped/padded to image_size, intensity-jittered
-        wds.map(_transform(cfg, manifest, train=True)),
+        wds.map(_transform(cfg, manifest, train=True))
+        if spatial_dims == 2
+        # 3D: intensities preprocessed per volume, then data.samples_per_volume patches of
+        # data.patch_size per volume (a share data.foreground_ratio centred on foreground),
+        # each augmented (data.augment3d)
+        else partial(
+            _patches,
+            transform=_volume_transform(cfg, manifest, train=True),
+            seed=cfg.seed,
+            rank=rank,
+            position=position,
+        ),
         # batches per docs/contracts.md
         wds.batched(data.batch_size, collation_fn=collate, partial=False),
         # the same batches, with a damage report after a shard whose hash did not match
@@ -483,7 +530,7 @@ def make_eval_loader(
         world_size: number of workers.
         split: split to read; ``data.val_split`` when None.
     """
-    _check_layout(manifest)
+    spatial_dims = _check_layout(cfg, manifest)
     data = cfg.data
     split = split or data.val_split
     shards = manifest.split(split).shards
@@ -511,9 +558,14 @@ def make_eval_loader(
         # numpy arrays, ints, JSON objects (group still bytes)
         wds.decode(png_handler),
         # tensors, absent labels filled, has flags
-        wds.map(SampleDecoder(manifest)),
-        # intensities preprocessed; whole images (data.resize=fit: resized as in training)
-        wds.map(_transform(cfg, manifest, train=False)),
+        wds.map(SampleDecoder(manifest, spatial_dims)),
+        # intensities preprocessed; whole images (data.resize=fit: resized as in training), in
+        # 3D whole volumes (the engine's sliding window covers them)
+        wds.map(
+            _transform(cfg, manifest, train=False)
+            if spatial_dims == 2
+            else _volume_transform(cfg, manifest, train=False)
+        ),
         # batches per docs/contracts.md; the last one of each worker may be short
         wds.batched(batch_size, collation_fn=collate, partial=True),
         # the same batches, with a damage report after a shard whose hash did not match

@@ -339,7 +339,7 @@ def distribute(
     1. SyncBN: BatchNorm layers become synchronised ones (torch's on CUDA, the gloo-capable one
        on CPU) when ``train.sync_bn`` and world size > 1. Before wrapping, because DeepSpeed
        captures the parameters at ``initialize`` and DDP registers hooks on them.
-    2. Device and memory format (``backbone.channels_last``).
+    2. Device and memory format (``backbone.channels_last``: ``channels_last_3d`` in 3D).
     3. Optimizer (timm) over the plain model's parameters, at the scaled LR; then the scheduler.
     4. Wrapping: DDP (``distributed.strategy=ddp``, world size > 1), or ``deepspeed.initialize``
        with the config from :func:`deepspeed_config` (also on one worker: ZeRO-0 is then plain
@@ -348,9 +348,12 @@ def distribute(
     """
     if cfg.train.sync_bn and world_size > 1:
         model = convert_sync_batchnorm(model, device)
-    memory_format = (
-        torch.channels_last if cfg.model.backbone.channels_last else torch.contiguous_format
-    )
+    backbone = cfg.model.backbone
+    memory_format = torch.contiguous_format
+    if backbone.channels_last:  # NHWC, or NDHWC for 3D (a 5D weight refuses channels_last)
+        memory_format = (
+            torch.channels_last_3d if backbone.spatial_dims == 3 else torch.channels_last
+        )
     model = model.to(device=device, memory_format=memory_format)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)

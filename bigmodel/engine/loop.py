@@ -427,6 +427,7 @@ def evaluate(
     module = module if module is not None else dm.module
     module.eval()
     metrics.reset()
+    roi = _window_size(cfg)
     device = dm.device
     zero3 = dm.zero_stage == 3
     local_batches = len(loader) if hasattr(loader, "__len__") else None
@@ -444,22 +445,31 @@ def evaluate(
             if rounds is None or not zero3:
                 break
             if last_images is None:
-                size = cfg.data.image_size
-                last_images = torch.zeros(1, cfg.model.backbone.in_chans or 3, size, size)
+                last_images = torch.zeros(1, cfg.model.backbone.in_chans or 3, *roi)
             with dm.autocast():  # joins other ranks' gathers (as many forwards as a batch)
-                whole_image_outputs(module, last_images.to(device), cfg.data.image_size)
+                whole_image_outputs(module, last_images.to(device), roi)
             continue
         batch = _to_device(batch, device)
         with dm.autocast():
-            # Whole images: sliding windows (segmentation, detection) where they exceed the
-            # training size, so every pixel and every box counts (bigmodel/models/window.py).
-            outputs = whole_image_outputs(module, batch["image"], cfg.data.image_size)
+            # Whole images (volumes): sliding windows (segmentation, detection) with Gaussian
+            # blending where they exceed the training size, so every pixel and every box counts
+            # (bigmodel/models/window.py).
+            outputs = whole_image_outputs(module, batch["image"], roi)
         metrics.update(outputs, batch)
         keys.extend(batch["key"])
         last_images = batch["image"][:1]
     results = metrics.compute()  # collective: torchmetrics syncs states across ranks
     results["num_samples"] = float(_check_exactly_once(keys, getattr(loader, "num_samples", None)))
     return results
+
+
+def _window_size(cfg: Config) -> tuple[int, ...]:
+    """The training input's sides, the sliding window's: ``data.patch_size`` in 3D."""
+    if cfg.model.backbone.spatial_dims == 3:
+        if cfg.data.patch_size is None:
+            raise ValueError("data.patch_size is needed to evaluate a 3D model (its window)")
+        return tuple(cfg.data.patch_size)
+    return (cfg.data.image_size,) * 2
 
 
 def _check_exactly_once(keys: list[str], expected_local: int | None) -> int:

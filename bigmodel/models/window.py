@@ -53,17 +53,22 @@ def _centre_pad(images: Tensor, roi: tuple[int, ...]) -> tuple[Tensor, tuple[int
     return F.pad(images, pad), offset
 
 
-def fit_to_size(images: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Resize ``[B, C, H, W]`` to fit ``size`` with its aspect kept, then pad (centred) with 0."""
-    height, width = images.shape[-2:]
-    target_h, target_w = _size(size, 2)
-    scale = min(target_h / height, target_w / width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = F.interpolate(
-        images.float(), size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
-    ).to(images.dtype)
-    pad_h, pad_w = target_h - new_h, target_w - new_w
-    return F.pad(resized, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+def fit_to_size(images: Tensor, size: int | tuple[int, ...]) -> Tensor:
+    """Resize ``[B, C, *spatial]`` to fit ``size`` with its aspect kept, then pad (centred) with 0.
+
+    Bilinear with antialiasing in 2D; trilinear in 3D (torch antialiases 2D only).
+    """
+    shape = images.shape[2:]
+    target = _size(size, len(shape))
+    scale = min(t / s for t, s in zip(target, shape, strict=True))
+    new = tuple(max(1, round(s * scale)) for s in shape)
+    if len(shape) == 2:
+        resized = F.interpolate(
+            images.float(), size=new, mode="bilinear", align_corners=False, antialias=True
+        )
+    else:
+        resized = F.interpolate(images.float(), size=new, mode="trilinear", align_corners=False)
+    return _centre_pad(resized.to(images.dtype), target)[0]
 
 
 def _head_tasks(model: nn.Module) -> dict[str, Task]:
@@ -154,8 +159,8 @@ def whole_image_outputs(
     Args:
         model: a plain (unwrapped) :class:`~bigmodel.models.MultiTaskModel` in eval mode; under
             autocast when the caller wants it.
-        images: normalised ``[B, C, *spatial]`` (``spatial_dims`` = ``images.ndim - 2``; the
-            heads and ``fit_to_size`` are 2D for now).
+        images: normalised ``[B, C, *spatial]`` (``spatial_dims`` = ``images.ndim - 2``: 2D
+            images or 3D volumes).
         roi_size: the window side(s) ((D,) H, W), normally ``data.image_size`` of training.
         overlap: fraction by which neighbouring windows overlap (nnU-Net uses 0.5).
         sw_batch_size: windows per forward pass.
@@ -163,7 +168,7 @@ def whole_image_outputs(
         iou_threshold: IoU above which two boxes of one class are the same object.
 
     Returns:
-        One entry per head: segmentation ``[B, K, H, W]`` logits (blended), detection a list of
+        One entry per head: segmentation ``[B, K, *spatial]`` logits (blended), detection a list of
         ``{"boxes", "scores", "labels"}`` per image in image coordinates, classification and
         retrieval as the model gives them for the resized whole image.
     """

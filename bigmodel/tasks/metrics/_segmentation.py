@@ -42,11 +42,12 @@ class SegmentationMetrics(nn.Module):
         )
 
     def update(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        """Add one batch of logits ``[B, K, H, W]`` and the batch's masks ``[B, H, W]``."""
-        if logits.ndim != 4 or logits.shape[1] != self.num_classes:
+        """Add one batch of logits ``[B, K, *spatial]`` and the batch's masks ``[B, *spatial]``
+        (2D or 3D: the confusion matrix counts pixels or voxels alike)."""
+        if logits.ndim not in (4, 5) or logits.shape[1] != self.num_classes:
             raise ValueError(
-                f"head {self.name!r}: segmentation logits must be [B, {self.num_classes}, H, W], "
-                f"got {list(logits.shape)}"
+                f"head {self.name!r}: segmentation logits must be [B, {self.num_classes}, "
+                f"(D,) H, W], got {list(logits.shape)}"
             )
         device = self.confmat.device
         mask = torch.as_tensor(batch[self.target]).to(device).long()
