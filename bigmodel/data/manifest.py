@@ -513,8 +513,9 @@ def resolve_config(cfg: Config, manifest: Manifest) -> Config:
     is checked against them.
 
     Raises:
-        ConfigError: a head's target is not in the manifest, a set value disagrees, or a
-            ``balanced`` option has no counts to come from.
+        ConfigError: the shards' layout does not fit ``model.backbone.spatial_dims`` (or 3D has
+            no ``data.patch_size``), a head's target is not in the manifest, a set value
+            disagrees, or a ``balanced`` option has no counts to come from.
     """
     cfg = cfg.model_copy(deep=True)
     _check_spatial_dims(cfg, manifest)  # 3D shards for a 2D backbone (or the reverse) fail here

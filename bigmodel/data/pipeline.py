@@ -33,6 +33,13 @@ the classes of that head arrive in equal proportion. The label is read from the 
 bytes, so rejected samples are read but never decoded or augmented; the price is reading
 ``n / (k x rarest count)`` samples per kept one (x3.3 for classes split 60/30/10).
 
+3D (``model.backbone.spatial_dims=3``, ``--layout 3d`` shards): the same stages read whole
+volumes; after decoding, each volume becomes ``data.samples_per_volume`` augmented patches of
+``data.patch_size`` (``bigmodel/data/_volume.py``: MONAI's foreground-oversampling crops), seeded
+from the same (seed, rank, worker, epoch, start step) stream seed, so the resume rules above
+hold for patches too. Evaluation reads whole volumes; the engine's sliding window covers them.
+Shards of the other layout than ``spatial_dims`` are refused up front in one line.
+
 Evaluation: shards are dealt the same way but read once, in order, without resampling or
 shuffling; the last batch of each worker may be short. Every sample is visited exactly once
 across ranks, and each batch carries the samples' keys so this can be checked. Ranks may get
