@@ -135,8 +135,10 @@ class DataConfig(_Strict):
     intensity: str = "auto"
     """Intensity preprocessing (``bigmodel/data/intensity.py``): ``ct`` (clip to the foreground
     0.5/99.5 percentiles, z-score; nnU-Net), ``ct_window`` (the DICOM window of each sample),
-    ``ct_window:NAME`` or ``ct_window:C,W``, ``mr`` (per-image z-score), ``dataset`` (manifest
-    mean/std), ``none``; ``auto`` picks by the manifest's modality (CT, MR, else dataset)."""
+    ``ct_window:NAME`` or ``ct_window:C,W``, ``mr`` (z-score with the statistics of the sample's
+    whole volume, recorded at shard time; ``mr:nonzero``/``mr:all`` force the region), ``image``
+    (z-score of each 2D sample alone), ``dataset`` (manifest mean/std), ``none``; ``auto`` picks
+    by the manifest's modality (CT, MR, else dataset)."""
     resize: Literal["none", "fit"] = "none"
     """``fit``: scale every image so its longer side is ``image_size`` (aspect kept), pad to a
     square, in training and evaluation; ``none``: train on ``image_size`` crops and evaluate
