@@ -30,7 +30,7 @@ from bigmodel import __version__
 from bigmodel.config import Config, ConfigError, load_config
 from bigmodel.preprocessing import PREPROCESSING, Preprocessing, preprocessing_from
 from sharding import storage
-from sharding.helpers import stream_sha256
+from sharding.helpers import atomic_write_json, stream_sha256
 
 __all__ = [
     "CONFIG",
@@ -44,6 +44,7 @@ __all__ = [
     "load_model",
     "load_weights",
     "save_model",
+    "update_card",
 ]
 
 WEIGHTS = "model.safetensors"
@@ -129,6 +130,22 @@ def save_model(
         shutil.rmtree(directory)
     tmp.rename(directory)
     return directory
+
+
+def update_card(directory: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Add ``fields`` to the folder's model card (rewritten atomically); returns the card.
+
+    What is added after the folder was saved: ``bigmodel-export --int8`` records its int8 graph
+    and that graph's agreement with fp32 here.
+    """
+    path = Path(directory) / MODEL_CARD
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelFolderError(f"{path}: not readable JSON ({err})") from None
+    card.update(fields)
+    atomic_write_json(path, card)
+    return card
 
 
 @dataclass

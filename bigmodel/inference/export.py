@@ -6,7 +6,12 @@ request, the network as
 
 * ``model.onnx`` (torch's dynamo ONNX exporter), checked with onnxruntime against the eager
   model on a batch before it is kept;
-* ``model.pt2`` (``torch.export``), checked the same way after a save/load round trip.
+* ``model.pt2`` (``torch.export``), checked the same way after a save/load round trip;
+* ``model.int8.onnx`` (``--int8``): ``model.onnx`` statically quantized by ONNX Runtime (QDQ,
+  int8 per-channel weights, uint8 activations) with activation ranges calibrated on windows of
+  the training split, normalised as in training; kept only when it agrees with ``model.onnx`` on
+  held-out windows (Dice of the label maps, top-1 agreement, cosine of embeddings) at least as
+  well as ``--int8-min-agreement`` asks. The figures go into ``export_report.json`` and the card.
 
 Both graphs take normalised ``[N, C, S, S]`` windows (``S`` = the training image size, ``N``
 free) and return one tensor per exportable head, named after the head: classification logits,
@@ -27,21 +32,33 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from bigmodel.config import Config, ConfigError, load_config
-from bigmodel.data import ManifestError, load_manifest
+from bigmodel.data import Manifest, ManifestError, SplitSamples, load_manifest
 from bigmodel.engine.checkpoint import META, is_complete, model_weights
+from bigmodel.inference._onnx_backend import INT8_FILE, ONNX_FILE, quantize_static_int8
 from bigmodel.inference.loading import load_model
-from bigmodel.model_folder import CONFIG, WEIGHTS, ModelFolderError, save_model
-from bigmodel.preprocessing import Preprocessing, preprocessing_from
+from bigmodel.model_folder import (
+    CONFIG,
+    WEIGHTS,
+    LoadedModel,
+    ModelFolderError,
+    save_model,
+    update_card,
+)
+from bigmodel.models.window import fit_to_size
+from bigmodel.preprocessing import Preprocessing, normalize, preprocessing_from
 from bigmodel.tasks import TASKS
+from sharding.helpers import atomic_write
 
-__all__ = ["ExportError", "export", "exportable_heads", "main"]
+__all__ = ["ExportError", "Int8Options", "export", "exportable_heads", "main", "quantize_int8"]
 
 FORMATS = ("safetensors", "onnx", "pt2")
 ONNX_OPSET = 18
@@ -222,6 +239,239 @@ def _gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+# ------------------------------------------------------------------------------ int8
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """How ``model.onnx`` is quantized to ``model.int8.onnx`` and how it is checked."""
+
+    shards: str | None = None
+    """Shards to calibrate and check on (default: the training shards of the model)."""
+    calibration_split: str = "train"
+    """Split whose windows set the activation ranges."""
+    calibration_samples: int = 64
+    """Windows of ``image_size`` (one or more per image, spread over the split) to calibrate on."""
+    check_split: str | None = None
+    """Held-out split the int8 graph is compared on (default: ``val``, else ``test``)."""
+    check_samples: int = 32
+    """Held-out images (every window of each) the int8 graph is compared on."""
+    min_agreement: float = 0.95
+    """Lowest agreement with fp32 kept, per head: Dice (label maps), top-1 (classes), cosine."""
+    per_channel: bool = True
+    """One weight scale per output channel (per-tensor: one per weight)."""
+    exclude_heads: tuple[str, ...] = ()
+    """Heads whose nodes stay fp32 (a head that int8 hurts, e.g. a small segmentation decoder)."""
+
+
+def _windows(image: torch.Tensor, prep: Preprocessing, rng: np.random.Generator | None, count: int):
+    """``[n, C, S, S]`` windows of one normalised image ``[C, H, W]``, as inference sees them.
+
+    ``resize=fit``: the fitted image (one window). Otherwise the image is centre-padded with 0 to
+    at least ``S`` and cut into windows: ``count`` at random places (``rng``, as training cropped)
+    or, without ``rng``, the sliding-window grid (overlap 0.5) that whole-image inference uses.
+    """
+    size = prep.image_size
+    if prep.resize == "fit":
+        return fit_to_size(image[None], size)
+    height, width = image.shape[-2:]
+    pad_h, pad_w = max(0, size - height), max(0, size - width)
+    if pad_h or pad_w:
+        image = torch.nn.functional.pad(
+            image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        )
+    height, width = image.shape[-2:]
+
+    def grid(side: int) -> list[int]:
+        steps = list(range(0, side - size + 1, max(1, size // 2)))
+        return steps if steps[-1] == side - size else [*steps, side - size]
+
+    if rng is None:
+        places = [(y, x) for y in grid(height) for x in grid(width)]
+    else:
+        places = [
+            (int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1)))
+            for _ in range(count)
+        ]
+    return torch.stack([image[:, y : y + size, x : x + size] for y, x in places])
+
+
+def _split_windows(
+    manifest: Manifest, split: str, prep: Preprocessing, images: int, per_image: int, seed: int
+) -> np.ndarray:
+    """Windows of ``images`` images spread evenly over ``split``, normalised as in training.
+
+    ``per_image`` > 0: that many random windows per image (calibration); 0: every window of the
+    sliding-window grid (the held-out check).
+    """
+    total = manifest.split(split).num_samples
+    stride = max(1, total // max(1, images))
+    rng = np.random.default_rng(seed) if per_image else None
+    chosen: list[torch.Tensor] = []
+    for index, sample in enumerate(SplitSamples(manifest, split, verify=False)):
+        if index % stride:
+            continue
+        image = normalize(sample["image"], prep, sample.get("window"), sample.get("volume"))
+        chosen.append(_windows(image, prep, rng, per_image))
+        if len(chosen) == images:
+            break
+    if not chosen:
+        raise ExportError(f"{manifest.path}: split {split!r} has no samples to quantize with")
+    windows = torch.cat(chosen).float().numpy()
+    return windows[: images * per_image] if per_image else windows
+
+
+def _agreement(got: np.ndarray, want: np.ndarray, has_classes: bool) -> tuple[str, float]:
+    """How far int8 outputs ``got`` agree with fp32 ``want`` (``Task.to_numpy`` of each).
+
+    Label maps (integers): mean Dice over the labels > 0 either map holds (1.0 when both are all
+    background). Scores of a head with classes: top-1 agreement. Embeddings: mean cosine.
+    """
+    if np.issubdtype(want.dtype, np.integer):
+        labels = [k for k in np.union1d(np.unique(got), np.unique(want)) if k > 0]
+        dice = [
+            2 * np.sum((got == k) & (want == k)) / (np.sum(got == k) + np.sum(want == k))
+            for k in labels
+        ]
+        return "dice", float(np.mean(dice)) if dice else 1.0
+    if has_classes:
+        return "top1_agreement", float(np.mean(got.argmax(axis=1) == want.argmax(axis=1)))
+    norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
+    return "cosine", float(np.mean(np.sum(got * want, axis=1) / np.maximum(norms, 1e-12)))
+
+
+def _run(session: Any, windows: np.ndarray, batch: int = 16) -> list[np.ndarray]:
+    """Every output of ``session`` for ``windows``, run ``batch`` windows at a time."""
+    name = session.get_inputs()[0].name
+    parts = [
+        session.run(None, {name: windows[i : i + batch]}) for i in range(0, len(windows), batch)
+    ]
+    return [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
+
+
+def quantize_int8(
+    folder: str | Path,
+    options: Int8Options = Int8Options(),
+    loaded: LoadedModel | None = None,
+    log: Any = None,
+) -> dict:
+    """Add ``model.int8.onnx`` to an exported model folder holding ``model.onnx``.
+
+    Calibrates on ``options.calibration_split``, compares int8 with fp32 on held-out windows of
+    ``options.check_split`` and keeps the file (written under a temporary name, then renamed)
+    only when every head agrees at least ``options.min_agreement``. Returns the report entry,
+    also recorded in ``export_report.json`` (when the folder has one) and the model card.
+
+    Raises:
+        ExportError: no shards or splits to calibrate on, or agreement below the threshold
+            (then no int8 file is left behind).
+    """
+    import onnxruntime as ort
+
+    log = log or (lambda line: print(line, file=sys.stderr))
+    folder = Path(folder)
+    loaded = loaded or load_model(folder)
+    prep = loaded.preprocessing
+    fp32 = folder / ONNX_FILE
+    if not fp32.is_file():
+        raise ExportError(f"{fp32}: missing; --int8 quantizes the fp32 graph: add --format onnx")
+    unknown = sorted(set(options.exclude_heads) - set(prep.head_types))
+    if unknown:
+        raise ExportError(f"--int8-exclude-head {','.join(unknown)}: no such head")
+    shards = str(options.shards or loaded.card.get("dataset_manifest") or loaded.config.data.shards)
+    if shards.endswith(".json"):  # the card names the manifest file; a URL keeps its scheme
+        shards = shards.rsplit("/", 1)[0]
+    try:
+        manifest = load_manifest(shards)
+    except ManifestError as err:
+        raise ExportError(
+            f"{err}; --int8 calibrates on shards: pass --calibration-shards DIR"
+        ) from None
+    check_split = options.check_split or next(
+        (s for s in ("val", "test") if s in manifest.splits), None
+    )
+    for split in (options.calibration_split, check_split):
+        if split is None or split not in manifest.splits:
+            raise ExportError(
+                f"{manifest.path}: no split {split or 'val/test'!r} to "
+                f"{'calibrate' if split == options.calibration_split else 'check'} int8 on "
+                f"(splits: {sorted(manifest.splits)}); pass --calibration-split/--check-split"
+            )
+    started = time.perf_counter()
+    count = options.calibration_samples
+    images = min(count, manifest.split(options.calibration_split).num_samples)
+    per_image = -(-count // max(1, images))  # ceil: small splits give several windows each
+    calibration = _split_windows(manifest, options.calibration_split, prep, images, per_image, 0)
+    calibration = calibration[:count]
+    held_out = _split_windows(manifest, check_split, prep, options.check_samples, 0, 1)
+    log(
+        f"bigmodel-export: int8: calibrating on {len(calibration)} windows of "
+        f"{options.calibration_split}, checking on {len(held_out)} windows of {check_split} ..."
+    )
+    target = folder / INT8_FILE
+    details: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        details.update(
+            quantize_static_int8(fp32, tmp, calibration, options.per_channel, options.exclude_heads)
+        )
+        sessions = [
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            for path in (fp32, tmp)
+        ]
+        want, got = (_run(session, held_out) for session in sessions)
+        outputs = [o.name for o in sessions[0].get_outputs()]
+        agreement, max_diff, failing = {}, {}, {}
+        for head, a, b in zip(outputs, got, want, strict=True):
+            task, cfg = TASKS[prep.head_types[head]], loaded.config.model.heads[head]
+            max_diff[head] = float(np.abs(a - b).max())
+            figure, value = _agreement(
+                task.to_numpy(torch.from_numpy(a), cfg),
+                task.to_numpy(torch.from_numpy(b), cfg),
+                bool(prep.classes.get(head)),
+            )
+            agreement[head] = {figure: round(value, 4)}
+            if value < options.min_agreement:
+                failing[head] = f"head {head!r} {figure} {value:.3f}"
+        if failing:
+            raise ExportError(
+                f"int8 vs fp32 on {len(held_out)} held-out {check_split} windows: "
+                f"{', '.join(failing.values())} below --int8-min-agreement "
+                f"{options.min_agreement}; model.int8.onnx not kept (try more "
+                f"--calibration-samples, "
+                f"{'--int8-per-tensor' if options.per_channel else 'per-channel weights'}, or "
+                f"--int8-exclude-head {next(iter(failing))})"
+            )
+        details.update(agreement=agreement, max_abs_logit_diff=max_diff)
+
+    atomic_write(target, write)
+    entry = {
+        "file": INT8_FILE,
+        "format": "QDQ",
+        "weights": "int8 per-channel" if options.per_channel else "int8 per-tensor",
+        "activations": "uint8 per-tensor (static, MinMax calibration)",
+        "calibration": {
+            "shards": str(manifest.root),
+            "split": options.calibration_split,
+            "windows": len(calibration),
+        },
+        "check": {"split": check_split, "windows": len(held_out)},
+        "min_agreement": options.min_agreement,
+        "excluded_heads": list(options.exclude_heads),
+        **details,
+        "bytes": target.stat().st_size,
+        "fp32_bytes": fp32.stat().st_size,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    report_file = folder / REPORT
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+        report["formats"]["int8"] = entry
+        atomic_write(report_file, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    update_card(folder, {"int8": {k: entry[k] for k in ("file", "agreement", "check")}})
+    return entry
+
+
 def export(
     source: str,
     out: str | Path,
@@ -229,16 +479,23 @@ def export(
     config: str | None = None,
     shards: str | None = None,
     log: Any = None,
+    int8: Int8Options | None = None,
 ) -> dict:
     """Write the export of ``source`` into ``out`` (atomically); returns the export report.
 
+    With ``int8`` the folder also gets ``model.int8.onnx`` (:func:`quantize_int8`; it needs
+    ``onnx`` in ``formats``); when int8 misses its agreement threshold nothing is written.
+
     Raises:
-        ExportError: the source cannot be read, or an exported graph does not match eager.
+        ExportError: the source cannot be read, an exported graph does not match eager, or the
+            int8 graph does not agree with fp32.
     """
     log = log or (lambda line: print(line, file=sys.stderr))
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ExportError(f"--format {','.join(unknown)}: unknown; choose from {FORMATS}")
+    if int8 is not None and "onnx" not in formats:
+        raise ExportError("--int8 quantizes model.onnx: add onnx to --format")
     out = Path(out).expanduser()
     state, cfg, prep, manifest, extra, metrics = load_source(source, config, shards)
     partial = out.with_name(f".{out.name}.partial")
@@ -284,6 +541,8 @@ def export(
             details.update(file=name, seconds=round(time.perf_counter() - started, 1))
             report["formats"][fmt] = details
         (partial / REPORT).write_text(json.dumps(report, indent=2))
+        if int8 is not None:
+            report["formats"]["int8"] = quantize_int8(partial, int8, loaded, log)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -309,10 +568,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="the run's config.yaml (default: found near the source)")
     parser.add_argument("--shards", help="training shards (default: data.shards of the config)")
+    quant = parser.add_argument_group("int8 (ONNX Runtime static quantization of model.onnx)")
+    quant.add_argument("--int8", action="store_true", help="also write model.int8.onnx")
+    quant.add_argument(
+        "--calibration-shards", help="shards to calibrate and check on (default: training shards)"
+    )
+    quant.add_argument("--calibration-split", default="train", help="default: train")
+    quant.add_argument("--calibration-samples", type=int, default=64, help="windows (default 64)")
+    quant.add_argument("--check-split", help="held-out split (default: val, else test)")
+    quant.add_argument("--check-samples", type=int, default=32, help="held-out images (32)")
+    quant.add_argument(
+        "--int8-min-agreement",
+        type=float,
+        default=0.95,
+        help="lowest per-head agreement with fp32 kept: Dice, top-1 or cosine (default 0.95)",
+    )
+    quant.add_argument(
+        "--int8-per-tensor", action="store_true", help="one scale per weight, not per channel"
+    )
+    quant.add_argument(
+        "--int8-exclude-head", action="append", default=[], help="keep this head fp32 (repeat)"
+    )
     args = parser.parse_args(argv)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    int8 = None
+    if args.int8:
+        if "onnx" not in formats:
+            formats.append("onnx")  # the fp32 graph int8 is made from
+        int8 = Int8Options(
+            shards=args.calibration_shards,
+            calibration_split=args.calibration_split,
+            calibration_samples=args.calibration_samples,
+            check_split=args.check_split,
+            check_samples=args.check_samples,
+            min_agreement=args.int8_min_agreement,
+            per_channel=not args.int8_per_tensor,
+            exclude_heads=tuple(args.int8_exclude_head),
+        )
     try:
-        report = export(args.source, args.out, formats, args.config, args.shards)
+        report = export(args.source, args.out, formats, args.config, args.shards, int8=int8)
     except (ExportError, ModelFolderError) as err:
         print(f"bigmodel-export: {err}", file=sys.stderr)
         return 2
@@ -320,6 +614,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for fmt, details in report["formats"].items():
         diff = details.get("max_abs_diff")
         check = f"  max |diff| vs eager {max(diff.values()):.1e}" if diff else ""
+        if "agreement" in details:
+            figures = ", ".join(
+                f"{head} {name} {value:.4f}"
+                for head, entry in details["agreement"].items()
+                for name, value in entry.items()
+            )
+            size = f"{details['bytes'] / 1e6:.2f} MB (fp32 {details['fp32_bytes'] / 1e6:.2f} MB)"
+            check = f"  {size}; vs fp32 on held-out {details['check']['split']}: {figures}"
         print(f"  {fmt:12s} {details['file']}{check}")
     return 0
 

@@ -47,6 +47,8 @@ from sharding.format import volume_intensity
 __all__ = ["Predictor", "main"]
 
 DEFAULT_BATCH = 16
+ONNX_BACKENDS = ("onnxruntime", "onnxruntime-int8")
+"""ONNX Runtime on ``model.onnx`` (fp32) or ``model.int8.onnx`` (``bigmodel-export --int8``)."""
 
 
 class Predictor:
@@ -56,8 +58,9 @@ class Predictor:
         model: a model folder, ``models:/name@alias``, or an already loaded model.
         batch_size: slices per forward pass.
         device: ``cpu``, ``cuda``... (the model is moved there once).
-        backend: ``torch`` (eager) or ``onnxruntime`` (the folder's ``model.onnx`` from
-            ``bigmodel-export``: its heads only, several times faster on CPU).
+        backend: ``torch`` (eager), ``onnxruntime`` (the folder's ``model.onnx`` from
+            ``bigmodel-export``: its heads only, several times faster on CPU) or
+            ``onnxruntime-int8`` (its ``model.int8.onnx``, from ``bigmodel-export --int8``).
     """
 
     def __init__(
@@ -70,14 +73,15 @@ class Predictor:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.prep = self.loaded.preprocessing
         self.device = torch.device(device)
-        if backend == "onnxruntime":
-            from bigmodel.inference._onnx_backend import OnnxModel
+        if backend in ONNX_BACKENDS:
+            from bigmodel.inference import _onnx_backend
 
-            self.model = OnnxModel(self.loaded, self.device)
+            file = _onnx_backend.INT8_FILE if backend.endswith("int8") else _onnx_backend.ONNX_FILE
+            self.model = _onnx_backend.OnnxModel(self.loaded, self.device, file)
         elif backend == "torch":
             self.model = self.loaded.model.to(self.device).eval()
         else:
-            raise ValueError(f"backend {backend!r}: choose torch or onnxruntime")
+            raise ValueError(f"backend {backend!r}: choose from {('torch', *ONNX_BACKENDS)}")
         self.batch_size = batch_size
         self.tasks = {name: TASKS[self.prep.head_types[name]] for name in self.model.head_configs}
 
@@ -235,9 +239,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     parser.add_argument(
         "--backend",
-        choices=("torch", "onnxruntime"),
+        choices=("torch", *ONNX_BACKENDS),
         default="torch",
-        help="eager PyTorch, or ONNX Runtime on the model.onnx that bigmodel-export wrote",
+        help="eager PyTorch, or ONNX Runtime on the model.onnx (model.int8.onnx: "
+        "onnxruntime-int8) that bigmodel-export wrote",
     )
     return parser.parse_args(argv)
 
