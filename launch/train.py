@@ -84,6 +84,7 @@ def build_trainer(cfg: Config, callbacks: list[UserCallback] | None = None) -> T
     ``callbacks`` (Ray Train ``UserCallback``s) are added to the run config; ``bigmodel-tune``
     passes the one that forwards every report to its Tune trial.
     """
+    _ray_config.set_poll_interval()  # before the trainer: Ray reads it when the run starts
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict()},

@@ -51,3 +51,15 @@ def test_shared_flags_reach_the_script_parser():
     again = bench_e2e._parser().parse_args(["baseline", *bench_e2e._shared_flags(args)])
     assert isinstance(again, argparse.Namespace)
     assert (again.steps, again.size, again.backbone) == (7, 96, args.backbone)
+
+
+def test_bench_step_prints_the_variants_side_by_side(capsys, one_thread):
+    from benchmarks import bench_step
+
+    argv = ["--steps", "1", "--rounds", "1", "--size", "32", "--batch", "2"]
+    assert bench_step.main([*argv, "--variants", "fp32,channels_last"]) == 0
+    table = capsys.readouterr().out.split("| variant |")[1].splitlines()
+    rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| ")}
+    rows.pop("---")
+    assert set(rows) == {"fp32", "channels_last"}
+    assert rows["fp32"].split("|")[3].strip() == "1.00"  # the ratio column is against fp32

@@ -199,3 +199,22 @@ def test_progress_line_names_step_figures_and_checkpoint():
         "bigmodel: step 14 epoch 1 | loss/total 1.947 | lr 0.0005 | "
         "val/organs/dice_mean 0.432 | checkpoint step_0000014"
     )
+
+
+def test_trainer_polls_workers_often_unless_the_user_chose(monkeypatch, tmp_path):
+    """Ray Train reads the poll interval from the driver's environment when the run starts
+    (and passes it on to the controller); a value the user set is kept."""
+    import os
+
+    from launch.train import build_trainer
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+        [f"train.output_dir={tmp_path}"],
+    )
+    monkeypatch.delenv(_ray_config.POLL_ENV, raising=False)
+    build_trainer(cfg)
+    assert os.environ[_ray_config.POLL_ENV] == _ray_config.POLL_INTERVAL_S
+    monkeypatch.setenv(_ray_config.POLL_ENV, "3")
+    build_trainer(cfg)
+    assert os.environ[_ray_config.POLL_ENV] == "3"
