@@ -98,3 +98,13 @@ def test_eval_on_a_damaged_shard_names_it_and_writes_no_report(setup, tmp_path, 
     err = capsys.readouterr().err
     assert f"{shard.name}: its bytes do not match the sha256" in err
     assert not (out / "report.json").exists()
+
+
+def test_eval_without_bootstrap_writes_the_report_with_no_intervals(setup, tmp_path):
+    shards, folder, _ = setup
+    out = tmp_path / "report"
+    assert main([str(folder), "--shards", str(shards), "--out", str(out), "--bootstrap", "0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "organs/dice_mean" in report["metrics"]
+    assert report["ci95"] and all(v is None for v in report["ci95"].values()), report["ci95"]
+    assert report["ci_method"] == "none (--bootstrap 0)"

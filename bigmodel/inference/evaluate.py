@@ -205,7 +205,11 @@ def evaluate_model(
         "whole_image": f"sliding windows of {prep.image_size} px (Gaussian blend) where larger",
         "metrics": figures,
         "ci95": {},
-        "ci_method": f"percentile bootstrap over patients, {bootstrap} replicates",
+        "ci_method": (
+            f"percentile bootstrap over patients, {bootstrap} replicates"
+            if bootstrap > 0
+            else "none (--bootstrap 0)"
+        ),
         "per_class": {},
         "per_patient": {},
         "plots": {},

@@ -43,7 +43,12 @@ def interval(values: np.ndarray) -> list[float] | None:
 
 
 def bootstrap_counts(patients: int, replicates: int, seed: int = 0) -> np.ndarray:
-    """``[B, P]``: how often each patient is drawn in each replicate (patients with replacement)."""
+    """``[B, P]``: how often each patient is drawn in each replicate (patients with replacement).
+
+    ``replicates=0`` gives ``[0, P]``: no replicates, so every interval is None.
+    """
+    if replicates <= 0:
+        return np.zeros((0, patients), dtype=np.int64)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, patients, size=(replicates, patients))
     return np.stack([np.bincount(d, minlength=patients) for d in draws])
