@@ -27,6 +27,7 @@ from bigmodel.config import load_config
 from bigmodel.data import load_manifest
 from bigmodel.inference.evaluate import evaluate_model
 from bigmodel.inference.predict import Predictor
+from bigmodel.tasks import TASKS
 from launch import train as train_cli
 from launch._demo_data import DEMO_PATIENTS, MASK_CLASSES, write_demo_source
 from sharding.helpers import atomic_write_json
@@ -190,11 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     volume = out / "source" / "anatomical.nii"
     _banner(5, f"prediction on a real NIfTI volume: bigmodel-predict {run_dir / 'model'} {volume}")
     prediction = predict_real_volume(run_dir / "model", volume, out / "predictions")
-    for head, entry in prediction["heads"].items():
-        shown = entry.get("probabilities") or entry.get("volumes_ml") or {}
-        if entry["type"] == "retrieval":
-            shown = f"{len(entry['embedding'])}-d embedding in the JSON summary"
-        print(f"  {head:10s} {entry['type']:15s} {shown}")
+    for head, entry in prediction["heads"].items():  # each task says what its output means
+        print(f"  {entry['type']:15s} {TASKS[entry['type']].one_line(head, entry) or head}")
 
     print(f"\nDone in {time.perf_counter() - start:.0f} s. Results:")
     print(f"  shards + manifest:    {shards} (dataset.json), sample grid {out / 'samples.png'}")

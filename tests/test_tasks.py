@@ -127,3 +127,13 @@ def test_loading_a_config_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_each_task_says_what_its_prediction_means_in_one_line():
+    classification = {"probabilities": {"normal": 0.25, "abnormal": 0.75}, "predicted": "abnormal"}
+    assert TASKS["classification"].one_line("diag", classification) == "diag=abnormal (p 0.75)"
+    assert TASKS["retrieval"].one_line("patient", {"embedding": [0.1] * 32}) == (
+        "patient: 32-d embedding"
+    )
+    volumes = {"volumes_ml": {"tissue": 12.34}}
+    assert TASKS["segmentation"].one_line("organs", volumes) == "organs: tissue 12.3 mL"

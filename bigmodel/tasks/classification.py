@@ -60,7 +60,8 @@ class ClassificationTask(Task):
         return entry
 
     def one_line(self, head: str, entry: dict) -> str | None:
-        return f"{head}={entry['predicted']}"
+        probability = entry["probabilities"][entry["predicted"]]
+        return f"{head}={entry['predicted']} (p {probability:.2f})"
 
     def evaluation(self, head: str, cfg: Any, classes: list[str]) -> Evaluation:
         return ClassificationEvaluation(head, cfg, classes)

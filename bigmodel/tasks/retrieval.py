@@ -40,6 +40,9 @@ class RetrievalTask(Task):
             entry["note"] = "mean of the per-slice embeddings"
         return entry
 
+    def one_line(self, head: str, entry: dict) -> str | None:
+        return f"{head}: {len(entry['embedding'])}-d embedding"
+
     def evaluation(self, head: str, cfg: Any, classes: list[str]) -> Evaluation:
         return RetrievalEvaluation(head, cfg, classes)
 
