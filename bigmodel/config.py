@@ -109,7 +109,8 @@ class DataConfig(_Strict):
     local folder or an object-store prefix (``s3://bucket/prefix``, ``gs://...``, any fsspec
     URL; credentials and endpoint from the environment, e.g. ``AWS_ENDPOINT_URL_S3``)."""
     cache_dir: str | None = None
-    """Node-local folder (an absolute path on every node) keeping a copy of each remote shard
+    """Node-local folder (the same path on every node; a relative one is resolved where
+    ``bigmodel-train`` runs) keeping a copy of each remote shard
     after its first complete, verified read, so later epochs read local disk; None streams every
     epoch from the object store. Local shards are never copied."""
     image_size: int = Field(224, gt=0)

@@ -41,6 +41,8 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.train.output_dir = str(Path(cfg.train.output_dir).expanduser().resolve())
     if cfg.data.shards and not _ray_config.is_uri(cfg.data.shards):
         cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
+    if cfg.data.cache_dir:  # a worker's working directory is Ray's, not the user's
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     return cfg
 
 

@@ -182,6 +182,13 @@ def test_resolve_paths_leaves_uris_alone():
     assert Path(cfg.train.output_dir).is_absolute()
 
 
+def test_relative_cache_dir_is_resolved_where_the_command_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_paths(cfg_with("data.shards=s3://bucket/shards", "data.cache_dir=cache"))
+    assert cfg.data.cache_dir == str(tmp_path.resolve() / "cache")
+    assert resolve_paths(cfg_with("data.shards=s3://b/s")).data.cache_dir is None
+
+
 def test_progress_line_names_step_figures_and_checkpoint():
     line = format_report(
         {
