@@ -125,7 +125,8 @@ class DataConfig(_Strict):
     where the step already uses every core and a loader process only preempts it, then one per
     CPU beyond two, at most 8."""
     shuffle_buffer: int = Field(1000, ge=0)
-    """Samples held in the shuffle buffer (0 disables shuffling)."""
+    """Samples held in the shuffle buffer (0 disables shuffling). Unset in 3D, where a sample is
+    a whole volume: :data:`VOLUME_SHUFFLE_BUFFER`."""
     train_split: str = "train"
     """Split used for training."""
     val_split: str = "val"
@@ -676,6 +677,11 @@ class TrackingConfig(_Strict):
         return self
 
 
+VOLUME_SHUFFLE_BUFFER = 16
+"""``data.shuffle_buffer`` when unset in 3D: the buffer holds whole decoded volumes (a CT of
+512 x 512 x 300 float32 voxels is 300 MB), so the 2D default of 1000 would not fit in memory."""
+
+
 def auto_loader_workers(cpus_per_worker: float) -> int:
     """DataLoader workers for a training worker of ``cpus_per_worker`` CPUs.
 
@@ -704,13 +710,20 @@ class Config(_Strict):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _loader_workers_fit_cpus(self) -> Config:
-        workers = auto_loader_workers(self.cluster.cpus_per_worker)
-        if "loader_workers" not in self.data.model_fields_set and (
-            self.data.loader_workers != workers
-        ):
-            data = self.data.model_copy(update={"loader_workers": workers})
-            data.model_fields_set.discard("loader_workers")  # still the schema's choice
+    def _data_defaults_fit_the_run(self) -> Config:
+        """Data defaults that depend on the rest of the run; a value the user set is kept, and
+        a chosen one stays unmarked as set (it is still the schema's choice)."""
+        chosen = {"loader_workers": auto_loader_workers(self.cluster.cpus_per_worker)}
+        if self.model.backbone.spatial_dims == 3:
+            chosen["shuffle_buffer"] = VOLUME_SHUFFLE_BUFFER
+        update = {
+            name: value
+            for name, value in chosen.items()
+            if name not in self.data.model_fields_set and getattr(self.data, name) != value
+        }
+        if update:
+            data = self.data.model_copy(update=update)
+            data.model_fields_set.difference_update(update)
             self.data = data
         return self
 

@@ -36,6 +36,15 @@ def test_loader_workers_follow_the_cpus_a_worker_reserves(tmp_path, cpus, worker
     assert cfg.data.loader_workers == 3
 
 
+def test_volumes_get_a_small_shuffle_buffer_unless_set(tmp_path):
+    volume = ["model.backbone.name=resenc3d", "model.backbone.spatial_dims=3"]
+    assert load_config(_write(tmp_path, MINIMAL)).data.shuffle_buffer == 1000
+    cfg = load_config(_write(tmp_path, MINIMAL), volume)
+    assert cfg.data.shuffle_buffer == 16 and "shuffle_buffer" not in cfg.data.model_fields_set
+    cfg = load_config(_write(tmp_path, MINIMAL), [*volume, "data.shuffle_buffer=64"])
+    assert cfg.data.shuffle_buffer == 64
+
+
 def test_unknown_key_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.epochz"):
         load_config(_write(tmp_path, MINIMAL), ["train.epochz=3"])
