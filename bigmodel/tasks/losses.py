@@ -79,6 +79,18 @@ def soft_dice_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return 1.0 - dice.mean()
 
 
+def _per_class(name: str, values: list[float] | None, num_classes: int | None) -> Tensor | None:
+    """``values`` as a float tensor (None when unset), refused unless one per class."""
+    if values is None:
+        return None
+    if num_classes is not None and len(values) != num_classes:
+        raise ConfigError(
+            f"{name} has {len(values)} entries but num_classes is {num_classes}: give one "
+            "weight per class"
+        )
+    return torch.tensor(values, dtype=torch.float32)
+
+
 class ClassificationLoss(nn.Module):
     """Cross-entropy (label smoothing, class weights) or BCE for multi-label; focal as an option.
 
@@ -95,28 +107,14 @@ class ClassificationLoss(nn.Module):
                     f"{per_class}=balanced is computed from the dataset manifest's label_counts: "
                     f"build the loss from bigmodel.data.resolve_config(cfg, manifest)"
                 )
-        weights = None
-        if cfg.class_weights is not None:
-            if cfg.num_classes is not None and len(cfg.class_weights) != cfg.num_classes:
-                raise ConfigError(
-                    f"class_weights has {len(cfg.class_weights)} entries but num_classes is "
-                    f"{cfg.num_classes}: give one weight per class"
-                )
-            weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
+        weights = _per_class("class_weights", cfg.class_weights, cfg.num_classes)
         self.register_buffer("class_weights", weights, persistent=False)
-        pos_weight = None
-        if cfg.pos_weight is not None:
-            if not cfg.multilabel:
-                raise ConfigError(
-                    "pos_weight weighs the positive term of multi-label (sigmoid) heads; set "
-                    "multilabel: true, or use class_weights for a multi-class head"
-                )
-            if cfg.num_classes is not None and len(cfg.pos_weight) != cfg.num_classes:
-                raise ConfigError(
-                    f"pos_weight has {len(cfg.pos_weight)} entries but num_classes is "
-                    f"{cfg.num_classes}: give one weight per class"
-                )
-            pos_weight = torch.tensor(cfg.pos_weight, dtype=torch.float32)
+        if cfg.pos_weight is not None and not cfg.multilabel:
+            raise ConfigError(
+                "pos_weight weighs the positive term of multi-label (sigmoid) heads; set "
+                "multilabel: true, or use class_weights for a multi-class head"
+            )
+        pos_weight = _per_class("pos_weight", cfg.pos_weight, cfg.num_classes)
         self.register_buffer("pos_weight", pos_weight, persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor, has: Tensor | None = None) -> Tensor | None:
