@@ -29,6 +29,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "ConfigError",
+    "ContrastiveHeadConfig",
     "DataConfig",
     "DetectionHeadConfig",
     "DistributedConfig",
@@ -159,6 +160,10 @@ class DataConfig(_Strict):
     (decoding only the kept ones). None: the data's own class frequencies."""
     augment: AugmentConfig = AugmentConfig()
     """Training-time augmentation."""
+    views: int | None = Field(None, ge=1, le=2)
+    """Independently augmented views of each training image (2D): 2 stacks them along the batch
+    (docs/contracts.md), which a contrastive head needs, with a random resized crop instead of
+    the random crop; unset: 2 with a contrastive head, else 1. Evaluation reads one view."""
     patch_size: list[int] | None = None
     """3D (``model.backbone.spatial_dims=3``): the ``[D, H, W]`` patch sampled from each volume
     in training, and the window of the sliding-window evaluation (Gaussian blending, overlap
@@ -300,6 +305,10 @@ class _HeadBase(_Strict):
 
     draws_by_class: ClassVar[bool] = False
     """Whether ``data.balance`` may name the head (its samples carry one class to draw by)."""
+    pretrains_backbone: ClassVar[bool] = False
+    """Whether the head exists to train the backbone (self-supervised): its labels come from
+    the images themselves (``data.views``), the shards need none, and the model folder also
+    holds ``backbone.safetensors`` for ``model.backbone.pretrained``."""
 
     def needs_classes(self) -> bool:
         """Whether the head needs ``num_classes`` (filled from the manifest) to be built."""
@@ -468,12 +477,56 @@ class RetrievalHeadConfig(_HeadBase):
     the others: one more forward per micro-batch, and the window's inputs held in memory."""
 
 
+class ContrastiveHeadConfig(_HeadBase):
+    """Self-supervised pretraining (SimCLR): a projection MLP over the pooled features, trained
+    with NT-Xent so that the two augmented views of a sample (``data.views``) embed close and
+    every other image of the global batch far. It needs no labels; what is kept is the
+    backbone (``backbone.safetensors`` in the model folder)."""
+
+    targets: ClassVar[tuple[str, ...]] = ("group",)
+    pretrains_backbone: ClassVar[bool] = True
+
+    def needs_classes(self) -> bool:
+        """The positive of a view is the other view of its own sample: no classes."""
+        return False
+
+    type: Literal["contrastive"] = "contrastive"
+    target: str = "group"
+    """Fixed, and not read as labels: the positive pairs are the batch's rows by the views
+    layout (row ``i`` and ``i + B``); ``group`` is a field every sample has."""
+    projection_dim: int = Field(128, gt=0)
+    """Output dimension of the projection MLP (what NT-Xent compares)."""
+    hidden_dim: int | None = Field(None, gt=0)
+    """Hidden width of the projection MLP; the backbone's pooled width when unset (SimCLR)."""
+    temperature: float = Field(0.1, gt=0.0)
+    """Temperature of NT-Xent (SimCLR: 0.1 for large batches, up to 0.5 for small ones)."""
+    across_accumulation: bool = False
+    """With ``optim.accumulation_steps`` > 1: each micro-batch's loss sees the views of the whole
+    accumulation window as negatives (as ``retrieval.across_accumulation``)."""
+
+    @model_validator(mode="after")
+    def _no_labels(self) -> ContrastiveHeadConfig:
+        if self.num_classes is not None:
+            raise ValueError(
+                "a contrastive head has no classes (its positive is the other view of the same "
+                "image); remove num_classes, or add a classification head for labels"
+            )
+        if self.target != "group":
+            raise ValueError(
+                f"target={self.target!r}: a contrastive head learns from the sample's second view "
+                "and reads no labels; remove target (or use a retrieval head to learn from "
+                "cls/group labels)"
+            )
+        return self
+
+
 HeadConfig = Annotated[
     Union[
         ClassificationHeadConfig,
         SegmentationHeadConfig,
         DetectionHeadConfig,
         RetrievalHeadConfig,
+        ContrastiveHeadConfig,
     ],
     Field(discriminator="type"),
 ]
@@ -725,6 +778,33 @@ class Config(_Strict):
             data = self.data.model_copy(update=update)
             data.model_fields_set.difference_update(update)
             self.data = data
+        return self
+
+    @model_validator(mode="after")
+    def _views_fit_the_heads(self) -> Config:
+        """Two views for a contrastive head, and only for heads whose labels survive them."""
+        pretrain = [n for n, h in self.model.heads.items() if h.pretrains_backbone]
+        views = self.data.views
+        if views is None:
+            views = 2 if pretrain else 1
+            data = self.data.model_copy(update={"views": views})
+            data.model_fields_set.discard("views")
+            self.data = data
+        if pretrain and views < 2:
+            raise ValueError(
+                f"model.heads.{pretrain[0]} is contrastive and needs two views of each image: "
+                "set data.views=2 (or leave it unset)"
+            )
+        if views > 1:
+            if self.model.backbone.spatial_dims == 3:
+                raise ValueError("data.views=2 is 2D only for now; set data.views=1")
+            dense = [n for n, h in self.model.heads.items() if h.target in ("mask", "boxes")]
+            if dense:
+                raise ValueError(
+                    f"data.views=2 crops each view differently, so model.heads.{dense[0]}'s "
+                    f"{self.model.heads[dense[0]].target} would not fit them; train it in a "
+                    "separate run (from the pretrained backbone) or set data.views=1"
+                )
         return self
 
     @model_validator(mode="after")

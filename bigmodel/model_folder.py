@@ -8,6 +8,12 @@ git commit of the code, the final metrics, and when it was written. The folder i
 temporary name and renamed, so a reader never sees half a model. The same folder is what the
 MLflow registry stores and what ``bigmodel-predict`` loads.
 
+A run with a self-supervised head (``pretrains_backbone``: contrastive) also writes
+``backbone.safetensors``: the backbone alone, under the keys of the whole timm model it was
+built from, which is what ``model.backbone.pretrained`` reads and checks key by key
+(:func:`backbone_state`). Other runs do not: the file would double the folder of every large
+model for a use (starting another run from a supervised one) that the full weights can serve.
+
 :func:`load_model` reads it back without unpickling anything (safetensors, YAML, JSON) and
 names the file at fault when one is missing or does not fit.
 """
@@ -27,17 +33,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bigmodel import __version__
-from bigmodel.config import Config, ConfigError, load_config
+from bigmodel.config import BackboneConfig, Config, ConfigError, load_config
 from bigmodel.preprocessing import PREPROCESSING, Preprocessing, preprocessing_from
 from sharding import storage
 from sharding.helpers import atomic_write_json, stream_sha256
 
 __all__ = [
+    "BACKBONE_WEIGHTS",
     "CONFIG",
     "MODEL_CARD",
     "PREPROCESSING",
     "WEIGHTS",
     "LoadedModel",
+    "backbone_state",
     "ModelFolderError",
     "file_sha256",
     "git_commit",
@@ -48,6 +56,7 @@ __all__ = [
 ]
 
 WEIGHTS = "model.safetensors"
+BACKBONE_WEIGHTS = "backbone.safetensors"
 MODEL_CARD = "model_card.json"
 CONFIG = "config.yaml"
 
@@ -78,6 +87,77 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
+def _whole_timm_model(cfg: BackboneConfig) -> torch.nn.Module:
+    """The whole timm model (no classifier) ``features_only`` cut down: shapes only, on the
+    meta device where the architecture allows."""
+    import timm  # only when a backbone file is written
+
+    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": cfg.in_chans}
+    try:
+        with torch.device("meta"):
+            return timm.create_model(cfg.name, **kwargs)
+    except (RuntimeError, NotImplementedError, ValueError):  # e.g. .item() during init
+        return timm.create_model(cfg.name, **kwargs)
+
+
+def _whole_model_key(key: str, whole: dict[str, Any]) -> str | None:
+    """The whole model's name of a ``features_only`` key.
+
+    timm's feature wrappers keep a module's name, nest it under ``model.`` (FeatureGetterNet,
+    ViTs) or flatten the first level of a Sequential (FeatureListNet: ``stages.0`` becomes
+    ``stages_0``); the candidates are tried in that order.
+    """
+    candidates = [key, key.removeprefix("model.")]
+    head, _, rest = key.partition(".")
+    candidates += [
+        f"{head[:i]}.{head[i + 1 :]}.{rest}" for i, ch in enumerate(head) if ch == "_" and rest
+    ]
+    return next((c for c in candidates if c in whole), None)
+
+
+def backbone_state(
+    state_dict: dict[str, torch.Tensor], backbone: BackboneConfig
+) -> dict[str, torch.Tensor]:
+    """The backbone's tensors of a model state dict, keyed as ``model.backbone.pretrained``
+    expects: the whole timm model's keys (2D), the encoder's own (3D).
+
+    Layers the feature extractor never had (a 2D model's classifier-side tail, e.g.
+    EfficientNet's last convolution) are written as zeros: a ``features_only`` backbone built
+    from the file drops them again.
+
+    Raises:
+        ModelFolderError: a backbone tensor has no place in the whole model (a timm wrapper
+            this mapping does not know).
+    """
+    prefix = "backbone.model."
+    features = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if backbone.spatial_dims == 3:
+        return features
+    whole = _whole_timm_model(backbone).state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in features.items():
+        name = _whole_model_key(key, whole)
+        if name is None:
+            raise ModelFolderError(
+                f"{BACKBONE_WEIGHTS}: backbone tensor {key!r} has no place in timm model "
+                f"{backbone.name!r}; the backbone cannot be saved for model.backbone.pretrained"
+            )
+        out[name] = value
+    for key, ref in whole.items():
+        if key not in out:
+            out[key] = torch.zeros(ref.shape, dtype=ref.dtype)
+    return out
+
+
+def _fp32_copies(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage: give every tensor its own copy.
+    # Floating-point weights are stored fp32 whatever the training precision.
+    return {
+        k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
+        for k, v in state_dict.items()
+    }
+
+
 def save_model(
     state_dict: dict[str, torch.Tensor],
     cfg: Config,
@@ -88,6 +168,9 @@ def save_model(
     preprocessing: Preprocessing | None = None,
 ) -> Path:
     """Write ``directory`` (weights, config, preprocessing record, model card) atomically.
+
+    A run with a pretraining head also gets ``backbone.safetensors`` (:func:`backbone_state`),
+    inside the same atomic folder rename.
 
     ``preprocessing`` defaults to the record made from ``cfg`` and the manifest at
     ``manifest_path``; without either the folder has no ``preprocessing.json`` and
@@ -102,13 +185,12 @@ def save_model(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    # safetensors refuses shared or non-contiguous storage: give every tensor its own copy.
-    # Floating-point weights are stored fp32 whatever the training precision.
-    tensors = {
-        k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
-        for k, v in state_dict.items()
-    }
+    tensors = _fp32_copies(state_dict)
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    pretraining = [name for name, head in cfg.model.heads.items() if head.pretrains_backbone]
+    if pretraining:
+        backbone = _fp32_copies(backbone_state(tensors, cfg.model.backbone))
+        save_file(backbone, str(tmp / BACKBONE_WEIGHTS), metadata={"format": "pt"})
     cfg.save(tmp / CONFIG)
     if preprocessing is not None:
         preprocessing.save(tmp / PREPROCESSING)
@@ -123,6 +205,11 @@ def save_model(
         "heads": {name: head.type for name, head in cfg.model.heads.items()},
         "num_parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point()),
         "metrics": dict(metrics or {}),
+        **(
+            {"backbone_weights": BACKBONE_WEIGHTS, "pretrained_by": pretraining}
+            if pretraining
+            else {}
+        ),
         **(extra or {}),
     }
     (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2))

@@ -13,6 +13,11 @@ windows over images larger than ``image_size``), with ``resize=fit`` it resizes 
 training did. Batches of whole images (or 3D volumes) of different sizes are padded at the
 end of each spatial dimension by :func:`collate` (images with 0, masks with the ignore value;
 box coordinates are unchanged). 3D samples are transformed by ``bigmodel.data._volume``.
+
+With ``data.views=2`` (contrastive pretraining) each training image is augmented twice,
+independently, from the loader's seeded stream, with a random resized crop (SimCLR's scale
+range :data:`VIEW_CROP_SCALE`) instead of the plain random crop; masks and boxes are dropped
+(they would fit neither view) and :func:`collate` stacks the second views after the first ones.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ from sharding.format import MASK_IGNORE
 
 # Padding values per tv_tensor type: the normalised mean for images, "ignore" for masks.
 _FILL = {tv_tensors.Image: 0.0, tv_tensors.Mask: MASK_IGNORE}
+
+VIEW_CROP_SCALE = (0.2, 1.0)
+"""Share of the image area each view's random resized crop keeps (SimCLR uses 0.08-1 on
+ImageNet; a scan's findings are smaller, so the crops keep more)."""
+
+_DENSE = ("mask", "boxes", "labels")
+"""Sample fields that follow the geometry and so fit no view when there are several."""
 
 
 class _CenterCropOrPad(torch.nn.Module):
@@ -83,6 +95,8 @@ class SampleTransform:
         boxes: whether samples carry boxes (torchvision's box sanitiser refuses samples without).
         resize: ``none`` or ``fit`` (``data.resize``).
         resize_tolerance: ``data.resize_tolerance``.
+        views: ``data.views``; above 1 (training only), the sample's ``image`` is the first view
+            and ``views`` the list of the others.
     """
 
     def __init__(
@@ -93,9 +107,11 @@ class SampleTransform:
         boxes: bool = False,
         resize: str = "none",
         resize_tolerance: float = 2.0,
+        views: int = 1,
     ) -> None:
         self.intensity = intensity
         self.jitter = augment.intensity_jitter if augment is not None else 0.0
+        self.views = views if augment is not None else 1
         stages: list[torch.nn.Module] = []
         if resize == "fit":
             stages += [
@@ -108,7 +124,11 @@ class SampleTransform:
                 v2.RandomHorizontalFlip(augment.hflip),
                 v2.RandomVerticalFlip(augment.vflip),
             ]
-            if resize != "fit" and augment.random_crop:
+            if self.views > 1 and augment.random_crop:
+                stages.append(
+                    v2.RandomResizedCrop(image_size, scale=VIEW_CROP_SCALE, antialias=True)
+                )
+            elif resize != "fit" and augment.random_crop:
                 stages.append(v2.RandomCrop(image_size, pad_if_needed=True, fill=_FILL))
             elif resize != "fit":
                 stages.append(_CenterCropOrPad(image_size))
@@ -125,6 +145,8 @@ class SampleTransform:
             )
         if self.geometry is None:
             return dict(sample, image=image)
+        if self.views > 1:
+            return self._views(sample, image)
         height, width = image.shape[-2:]
         views: dict[str, Any] = {"image": tv_tensors.Image(image)}
         if "mask" in sample:
@@ -135,10 +157,7 @@ class SampleTransform:
             )
             views["labels"] = sample["labels"]
         views = self.geometry(views)
-        image = views["image"].as_subclass(torch.Tensor)
-        if self.jitter > 0:
-            scale, shift = (torch.rand(2) * 2 - 1) * self.jitter
-            image = image * (1 + scale) + shift
+        image = self._jitter(views["image"].as_subclass(torch.Tensor))
         out = dict(sample, image=image)
         if "mask" in views:
             out["mask"] = views["mask"].as_subclass(torch.Tensor)
@@ -146,6 +165,22 @@ class SampleTransform:
             out["boxes"] = views["boxes"].as_subclass(torch.Tensor)
             out["labels"] = views["labels"]
         return out
+
+    def _jitter(self, image: torch.Tensor) -> torch.Tensor:
+        if self.jitter > 0:
+            scale, shift = (torch.rand(2) * 2 - 1) * self.jitter
+            image = image * (1 + scale) + shift
+        return image
+
+    def _views(self, sample: dict[str, Any], image: torch.Tensor) -> dict[str, Any]:
+        """``self.views`` independent augmentations of the image; dense labels dropped."""
+        views = [
+            self._jitter(self.geometry(tv_tensors.Image(image)).as_subclass(torch.Tensor))
+            for _ in range(self.views)
+        ]
+        out = {k: v for k, v in sample.items() if k not in _DENSE}
+        out["has"] = {k: v for k, v in sample["has"].items() if k not in _DENSE}
+        return dict(out, image=views[0], views=views[1:])
 
 
 def _pad_to(tensor: torch.Tensor, shape: tuple[int, ...], value: float) -> torch.Tensor:
@@ -159,7 +194,21 @@ def _pad_to(tensor: torch.Tensor, shape: tuple[int, ...], value: float) -> torch
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples into a batch following docs/contracts.md (lists for keys, groups, boxes)."""
+    """Stack samples into a batch following docs/contracts.md (lists for keys, groups, boxes).
+
+    Samples with several views (``data.views``) make a batch of ``views x B`` rows: all first
+    views, then all second views, every per-sample field repeated in the same order (row
+    ``i + v * B`` is view ``v`` of sample ``i``).
+    """
+    if "views" in samples[0]:
+        count = 1 + len(samples[0]["views"])
+        samples = [
+            dict(s, image=s["views"][v - 1] if v else s["image"])
+            for v in range(count)
+            for s in samples
+        ]
+        for s in samples:
+            del s["views"]
     first = samples[0]
     # Whole images (volumes) in evaluation may differ in size: pad to the largest of the batch.
     spatial = first["image"].ndim - 1

@@ -531,6 +531,8 @@ def resolve_config(cfg: Config, manifest: Manifest) -> Config:
             f"{channels} channels; unset it or use matching shards"
         )
     for name, head in cfg.model.heads.items():
+        if head.pretrains_backbone:
+            continue  # self-supervised: its targets come from the images, not the shards
         num_classes = _classes_for(name, head.target, manifest, cfg)
         if head.num_classes is None:
             head.num_classes = num_classes

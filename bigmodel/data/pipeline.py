@@ -236,6 +236,7 @@ def _transform(cfg: Config, manifest: Manifest, train: bool) -> SampleTransform:
         boxes="boxes" in manifest.tasks,
         resize=cfg.data.resize,
         resize_tolerance=cfg.data.resize_tolerance,
+        views=cfg.data.views or 1,
     )
 
 
@@ -501,7 +502,8 @@ def make_train_loader(
         # tensors, absent labels filled, has flags: images [C, H, W] (3D: volumes [C, D, H, W])
         wds.map(SampleDecoder(manifest, spatial_dims)),
         # 2D: intensities preprocessed (data.intensity), resized (data.resize), flipped,
-        # cropped/padded to image_size, intensity-jittered
+        # cropped/padded to image_size, intensity-jittered; data.views=2: two such views
+        # (random resized crops), masks and boxes dropped
         wds.map(_transform(cfg, manifest, train=True))
         if spatial_dims == 2
         # 3D: intensities preprocessed per volume, then data.samples_per_volume patches of
@@ -514,7 +516,7 @@ def make_train_loader(
             rank=rank,
             position=position,
         ),
-        # batches per docs/contracts.md
+        # batches per docs/contracts.md (data.views=2: 2 x batch_size rows, views stacked)
         wds.batched(data.batch_size, collation_fn=collate, partial=False),
         # the same batches, with a damage report after a shard whose hash did not match
         check.reports,

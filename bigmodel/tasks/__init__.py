@@ -15,6 +15,7 @@ from typing import Any
 
 from bigmodel.tasks._base import EvalRun, Evaluation, SummaryContext, Task
 from bigmodel.tasks.classification import ClassificationTask
+from bigmodel.tasks.contrastive import ContrastiveTask
 from bigmodel.tasks.detection import DetectionTask
 from bigmodel.tasks.retrieval import RetrievalTask
 from bigmodel.tasks.segmentation import SegmentationTask
@@ -23,7 +24,13 @@ __all__ = ["TASKS", "EvalRun", "Evaluation", "SummaryContext", "Task", "task_of"
 
 TASKS: dict[str, Task] = {
     task.name: task
-    for task in (ClassificationTask(), SegmentationTask(), DetectionTask(), RetrievalTask())
+    for task in (
+        ClassificationTask(),
+        SegmentationTask(),
+        DetectionTask(),
+        RetrievalTask(),
+        ContrastiveTask(),
+    )
 }
 """Every head type, by the ``type`` field of its config."""
 

@@ -26,6 +26,7 @@ from torchvision.ops import sigmoid_focal_loss
 from bigmodel.config import (
     ClassificationHeadConfig,
     ConfigError,
+    ContrastiveHeadConfig,
     DetectionHeadConfig,
     RetrievalHeadConfig,
     SegmentationHeadConfig,
@@ -35,6 +36,7 @@ __all__ = [
     "METRIC_LOSSES",
     "AccumulationWindow",
     "ClassificationLoss",
+    "ContrastiveLoss",
     "DetectionLoss",
     "RetrievalLoss",
     "SegmentationLoss",
@@ -328,6 +330,43 @@ class RetrievalLoss(nn.Module):
             # divides every micro-batch's loss by the accumulation steps.
             loss = loss + (window.slots - 1) * (loss - loss.detach())
         return loss
+
+
+class ContrastiveLoss(RetrievalLoss):
+    """NT-Xent (SimCLR) over the views of the batch: the views of one sample are the positives.
+
+    The batch holds ``B`` samples' first views, then their second views (docs/contracts.md,
+    ``data.views``), so row ``i`` and row ``i + B`` are one positive pair and every other row
+    of the global batch is a negative. No label is read: the pair ids come from the layout and
+    are offset per rank and per accumulation slot, so they stay distinct where the inherited
+    rank gather (with gradients) and accumulation window concatenate them.
+    """
+
+    def __init__(self, cfg: ContrastiveHeadConfig) -> None:
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        self.loss = pml_losses.NTXentLoss(temperature=cfg.temperature)
+        self.window = None
+
+    def forward(self, embeddings: Tensor, target=None, has: Tensor | None = None) -> Tensor | None:
+        """NT-Xent of the views ``[2B, D]``; ``target`` and ``has`` are not read."""
+        rows = len(embeddings)
+        if rows % 2:
+            raise ValueError(
+                f"a contrastive head needs both views of each sample, got {rows} rows: set "
+                "data.views=2 (the batch then holds the first views, then the second views)"
+            )
+        samples = rows // 2
+        window = self.window
+        if window is None:
+            slot = 0
+        else:  # the recording pass appends slot len(recorded); the rerun knows its slot
+            slot = window.slot if window.slot is not None else len(window.recorded)
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        block = slot * world + rank
+        pairs = torch.arange(samples, device=embeddings.device).repeat(2) + block * samples
+        return super().forward(embeddings, pairs, None)
 
 
 class DetectionLoss(nn.Module):

@@ -5,8 +5,15 @@ figures (``compute() -> {figure: value}``); see :mod:`bigmodel.metrics` for the 
 """
 
 from bigmodel.tasks.metrics._classification import ClassificationMetrics
+from bigmodel.tasks.metrics._contrastive import ContrastiveMetrics
 from bigmodel.tasks.metrics._detection import DetectionMetrics
 from bigmodel.tasks.metrics._retrieval import RetrievalMetrics
 from bigmodel.tasks.metrics._segmentation import SegmentationMetrics
 
-__all__ = ["ClassificationMetrics", "DetectionMetrics", "RetrievalMetrics", "SegmentationMetrics"]
+__all__ = [
+    "ClassificationMetrics",
+    "ContrastiveMetrics",
+    "DetectionMetrics",
+    "RetrievalMetrics",
+    "SegmentationMetrics",
+]
