@@ -261,3 +261,23 @@ def test_ntxent_on_two_ranks_equals_one_rank_with_the_double_batch(tmp_path):
     expected.backward()
     torch.testing.assert_close(got["loss"], expected.detach())
     torch.testing.assert_close(got["grad"], projection.weight.grad)
+
+
+def test_an_accumulation_window_gives_the_loss_of_the_whole_window():
+    """Two micro-batches' views recorded, then each rerun live: the loss of all four halves,
+    with the views of each micro-batch's samples still paired (ids offset per slot)."""
+    from bigmodel.tasks.losses import AccumulationWindow
+
+    projection, inputs = _views()
+    cfg = ContrastiveHeadConfig(temperature=0.5, across_accumulation=True)
+    loss = ContrastiveLoss(cfg)
+    halves = [_rank_batch(inputs, slice(0, 3)), _rank_batch(inputs, slice(3, 6))]
+    loss.window = AccumulationWindow(2)
+    with torch.no_grad():
+        for rows in halves:
+            assert loss(F.normalize(projection(rows), dim=1)) is None  # recorded
+    whole = ContrastiveLoss(cfg)(F.normalize(projection(_rank_batch(inputs, slice(0, 6))), dim=1))
+    for slot, rows in enumerate(halves):
+        loss.window.slot = slot
+        live = loss(F.normalize(projection(rows), dim=1))
+        torch.testing.assert_close(live.detach(), whole.detach())
