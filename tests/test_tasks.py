@@ -25,6 +25,7 @@ TINY_HEADS = {
     "segmentation": {"num_classes": K, "decoder_channels": 16},
     "detection": {"num_classes": K, "fpn_channels": 16},
     "retrieval": {"embed_dim": 8, "target": "group"},
+    "contrastive": {"projection_dim": 8},
 }
 
 
